@@ -1,0 +1,91 @@
+"""The ``scim-pipeline`` command. Each subcommand's work lives in the module named after its concept; this file
+only parses arguments and turns configuration errors into one clear line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from scim_pipeline.config import ConfigError
+
+# subcommand -> "module:function"; the function takes the parsed arguments and returns an exit code.
+COMMANDS = {
+    "emulator": "scim_pipeline.emulator.server:run_from_cli",
+    "webhooks": "scim_pipeline.receiver.app:run_from_cli",
+    "app": "scim_pipeline.demo_app.app:run_from_cli",
+    "sync": "scim_pipeline.ops:sync_from_cli",
+    "sql": "scim_pipeline.ops:sql_from_cli",
+    "changes": "scim_pipeline.ops:changes_from_cli",
+    "approve": "scim_pipeline.ops:approve_from_cli",
+    "demo": "scim_pipeline.demo:demo_from_cli",
+    "dev": "scim_pipeline.demo:dev_from_cli",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scim-pipeline",
+        description="Keep an application's users, memberships and roles in sync with its customers' directories.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("emulator", help="run the Scalekit emulator (TLS, gRPC + OAuth + control API on one port)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8443, help="TLS port; 0 picks a free one (default 8443)")
+    p.add_argument("--seed", type=int, default=7, help="seed of the synthetic directories (default 7)")
+    p.add_argument("--orgs", type=int, default=5, help="number of organizations (default 5)")
+    p.add_argument("--users-per-org", type=int, default=200, help="users per organization (default 200)")
+    p.add_argument("--groups-per-org", type=int, default=12, help="groups per organization (default 12)")
+    p.add_argument("--webhook-url", default=None, help="where directory events are POSTed (default: none)")
+    p.add_argument("--churn", type=float, default=0.0, metavar="EVENTS_PER_MIN",
+                   help="random realistic directory mutations per minute (default 0)")
+    p.add_argument("--retry-time-scale", type=float, default=1.0,
+                   help="divide Scalekit's webhook retry delays by this (e.g. 60 turns minutes into seconds)")
+    p.add_argument("--token-ttl", type=int, default=3600, help="access token lifetime in seconds (default 3600)")
+
+    p = sub.add_parser("webhooks", help="run the webhook receiver")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8090, help="port (default 8090)")
+
+    p = sub.add_parser("app", help="run the demo application that receives change sets")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8091, help="port (default 8091)")
+    p.add_argument("--fail-rate", type=float, default=0.0, help="share of requests answered 500 (default 0)")
+    p.add_argument("--rate-limit-rate", type=float, default=0.0, help="share of requests answered 429 (default 0)")
+
+    p = sub.add_parser("sync", help="materialize the full pipeline once, delivery included")
+    p.add_argument("--org", action="append", default=[], metavar="ORG_ID", help="only this organization (repeatable)")
+
+    p = sub.add_parser("sql", help="read-only SQL on the warehouse")
+    p.add_argument("query", help="the SQL query")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format (default table)")
+
+    p = sub.add_parser("changes", help="list change sets")
+    p.add_argument("--org", default=None, metavar="ORG_ID", help="only this organization")
+    p.add_argument("--status", choices=["held", "pending", "failed", "dead", "delivered"], default=None,
+                   help="only changes with this status")
+
+    p = sub.add_parser("approve", help="release changes held by the mass-deprovisioning guard")
+    p.add_argument("--org", required=True, metavar="ORG_ID", help="the organization whose held changes to release")
+
+    sub.add_parser("demo", help="run the whole pipeline end to end, headless, on the embedded services")
+    sub.add_parser("dev", help="embedded services plus `dagster dev` with sensors and schedules running")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module_name, func_name = COMMANDS[args.command].split(":")
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+        return int(func(args) or 0)
+    except ConfigError as exc:
+        print(f"scim-pipeline {args.command}: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

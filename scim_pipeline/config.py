@@ -1,0 +1,159 @@
+"""Settings of one installation, read from the environment (SPEC "Configuration").
+
+Every process of an installation shares ``SCIM_PIPELINE_HOME``. Values come from the environment first; where a
+variable is unset, the dotenv files that the embedded services write into the home (``emulator.env`` by the Scalekit
+emulator, ``app.env`` by the demo application) fill it in, so a pipeline started beside them finds them unaided.
+Secrets are held here and never printed: ``Settings.__repr__`` masks them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HOME_VAR = "SCIM_PIPELINE_HOME"
+DEFAULT_HOME = ".scim_pipeline"
+EMULATOR_ENV_FILE = "emulator.env"
+APP_ENV_FILE = "app.env"
+WAREHOUSE_FILE = "warehouse.duckdb"
+INBOX_FILE = "inbox.sqlite"
+
+_SECRET_RE = re.compile(r"^whsec_[A-Za-z0-9+/=]+$")
+
+
+class ConfigError(Exception):
+    """A missing or malformed setting. Its message is one line that names the variable."""
+
+
+def home() -> Path:
+    """The installation's data folder, created on first use."""
+    path = Path(os.environ.get(HOME_VAR) or DEFAULT_HOME).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """Parse ``KEY=VALUE`` lines (optionally quoted, ``export`` allowed); a missing file is empty."""
+    values: dict[str, str] = {}
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return values
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :]
+        key, sep, value = line.partition("=")
+        if not sep:
+            continue
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
+def write_dotenv(path: Path, values: dict[str, str]) -> None:
+    """Write dotenv lines atomically and readable by the owner only (they hold secrets)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(f"{k}='{v}'\n" for k, v in values.items()))
+    tmp.chmod(0o600)
+    tmp.replace(path)
+
+
+def lookup(name: str, home_dir: Path | None = None) -> str | None:
+    """A variable from the environment, else from the home's dotenv files written by the embedded services."""
+    value = os.environ.get(name)
+    if value:
+        return value
+    home_dir = home_dir or home()
+    for filename in (EMULATOR_ENV_FILE, APP_ENV_FILE):
+        value = read_dotenv(home_dir / filename).get(name)
+        if value:
+            return value
+    return None
+
+
+def _secret(name: str, value: str) -> str:
+    if not _SECRET_RE.match(value):
+        raise ConfigError(f"{name} is malformed: expected a secret of the form whsec_<base64>")
+    return value
+
+
+@dataclass(frozen=True)
+class ScalekitSettings:
+    environment_url: str
+    client_id: str
+    client_secret: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+
+    def _require(self, name: str) -> str:
+        value = lookup(name, self.home)
+        if not value:
+            raise ConfigError(f"{name} is not set")
+        return value
+
+    def scalekit(self) -> ScalekitSettings:
+        url = self._require("SCALEKIT_ENVIRONMENT_URL").rstrip("/")
+        if not re.match(r"^https://[^/\s]+$", url):
+            raise ConfigError(f"SCALEKIT_ENVIRONMENT_URL is malformed: expected https://host[:port], got {url!r}")
+        client_id = self._require("SCALEKIT_CLIENT_ID")
+        secret = self._require("SCALEKIT_CLIENT_SECRET")
+        # The SDK's gRPC channel reads its CA from the environment; the emulator's CA lives in emulator.env.
+        for ca_var in ("REQUESTS_CA_BUNDLE", "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH"):
+            if not os.environ.get(ca_var):
+                ca = lookup(ca_var, self.home)
+                if ca:
+                    os.environ[ca_var] = ca
+        return ScalekitSettings(url, client_id, secret)
+
+    def webhook_secrets(self) -> list[str]:
+        """All accepted webhook signing secrets (several during rotation)."""
+        raw = self._require("SCALEKIT_WEBHOOK_SECRET")
+        return [_secret("SCALEKIT_WEBHOOK_SECRET", s) for s in raw.split()]
+
+    def app_url(self) -> str:
+        url = self._require("SCIM_PIPELINE_APP_URL").rstrip("/")
+        if not re.match(r"^https?://[^/\s]+(/\S*)?$", url):
+            raise ConfigError(f"SCIM_PIPELINE_APP_URL is malformed: expected http(s)://host[:port][/path], got {url!r}")
+        return url
+
+    def app_secret(self) -> str:
+        return _secret("SCIM_PIPELINE_APP_SECRET", self._require("SCIM_PIPELINE_APP_SECRET"))
+
+    def role_mappings_path(self) -> Path:
+        value = os.environ.get("SCIM_PIPELINE_ROLE_MAPPINGS")
+        if value:
+            path = Path(value).expanduser()
+            if not path.is_file():
+                raise ConfigError(f"SCIM_PIPELINE_ROLE_MAPPINGS names no file: {value}")
+            return path
+        return default_role_mappings_path()
+
+    @property
+    def warehouse_path(self) -> Path:
+        return self.home / WAREHOUSE_FILE
+
+    @property
+    def inbox_path(self) -> Path:
+        return self.home / INBOX_FILE
+
+
+def default_role_mappings_path() -> Path:
+    """``role_mappings.yaml`` of the project (the working folder), else the example shipped in the package."""
+    local = Path("role_mappings.yaml")
+    if local.is_file():
+        return local.resolve()
+    return Path(__file__).with_name("role_mappings.yaml")
+
+
+def settings() -> Settings:
+    return Settings(home=home())

@@ -1,0 +1,5 @@
+"""The code location: one Definitions with every asset, check, sensor, schedule and resource."""
+
+import dagster as dg
+
+defs = dg.Definitions(assets=[])

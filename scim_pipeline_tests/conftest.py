@@ -1,0 +1,15 @@
+import pytest
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A fresh SCIM_PIPELINE_HOME, with no configuration leaking in from the developer's shell."""
+    for var in (
+        "SCALEKIT_ENVIRONMENT_URL", "SCALEKIT_CLIENT_ID", "SCALEKIT_CLIENT_SECRET", "SCALEKIT_WEBHOOK_SECRET",
+        "SCIM_PIPELINE_APP_URL", "SCIM_PIPELINE_APP_SECRET", "SCIM_PIPELINE_ROLE_MAPPINGS",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    path = tmp_path / "home"
+    path.mkdir()
+    monkeypatch.setenv("SCIM_PIPELINE_HOME", str(path))
+    return path
