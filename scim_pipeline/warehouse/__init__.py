@@ -1,0 +1,1 @@
+"""The DuckDB warehouse: its schema and the SQL that fills it. Plain functions over a DuckDB connection."""

@@ -1,0 +1,156 @@
+"""Tables of the warehouse (SPEC "Warehouse"). All timestamps are UTC ``TIMESTAMP``s.
+
+Directory tables hold what Scalekit says, tombstoned rather than deleted. Derived tables (memberships, roles, desired
+state) hold current facts for live users. ``delivered_*`` tables hold what the application has acknowledged: the
+other side of every diff. ``change_sets`` is the ledger (an outbox) of changes sent or to send.
+"""
+
+from __future__ import annotations
+
+import duckdb
+
+SCHEMA_VERSION = 1
+
+TABLES: dict[str, str] = {
+    "organizations": """
+        organization_id VARCHAR PRIMARY KEY,
+        display_name VARCHAR,
+        external_id VARCHAR,
+        synced_at TIMESTAMP
+    """,
+    "directories": """
+        directory_id VARCHAR PRIMARY KEY,
+        organization_id VARCHAR NOT NULL,
+        name VARCHAR,
+        provider VARCHAR,
+        directory_type VARCHAR,
+        enabled BOOLEAN,
+        role_assignments JSON,
+        total_users INTEGER,
+        total_groups INTEGER,
+        synced_at TIMESTAMP
+    """,
+    "directory_users": """
+        user_id VARCHAR PRIMARY KEY,
+        organization_id VARCHAR NOT NULL,
+        directory_id VARCHAR,
+        email VARCHAR,
+        given_name VARCHAR,
+        family_name VARCHAR,
+        preferred_username VARCHAR,
+        active BOOLEAN,
+        emails JSON,
+        updated_at TIMESTAMP,
+        detail JSON,
+        deleted_at TIMESTAMP,
+        synced_at TIMESTAMP,
+        -- occurred_at of the newest webhook event applied to this row: older events never undo it
+        event_at TIMESTAMP
+    """,
+    "directory_groups": """
+        group_id VARCHAR PRIMARY KEY,
+        organization_id VARCHAR NOT NULL,
+        directory_id VARCHAR,
+        display_name VARCHAR,
+        updated_at TIMESTAMP,
+        detail JSON,
+        deleted_at TIMESTAMP,
+        synced_at TIMESTAMP,
+        event_at TIMESTAMP
+    """,
+    # Raw memberships as the directory lists them on each user (live or not); group_memberships is derived.
+    "directory_user_groups": """
+        organization_id VARCHAR NOT NULL,
+        user_id VARCHAR NOT NULL,
+        group_id VARCHAR NOT NULL,
+        PRIMARY KEY (user_id, group_id)
+    """,
+    "group_memberships": """
+        organization_id VARCHAR NOT NULL,
+        group_id VARCHAR NOT NULL,
+        user_id VARCHAR NOT NULL,
+        group_name VARCHAR,
+        PRIMARY KEY (organization_id, group_id, user_id)
+    """,
+    "role_assignments": """
+        organization_id VARCHAR NOT NULL,
+        user_id VARCHAR NOT NULL,
+        role_name VARCHAR NOT NULL,
+        source VARCHAR NOT NULL
+    """,
+    "directory_users_history": """
+        user_id VARCHAR NOT NULL,
+        organization_id VARCHAR NOT NULL,
+        valid_from TIMESTAMP NOT NULL,
+        valid_to TIMESTAMP,
+        email VARCHAR,
+        given_name VARCHAR,
+        family_name VARCHAR,
+        preferred_username VARCHAR,
+        active BOOLEAN,
+        deleted BOOLEAN,
+        roles VARCHAR[],
+        row_hash VARCHAR
+    """,
+    # What the application has acknowledged (applied), per organization: the "have" side of the diff.
+    "delivered_users": """
+        organization_id VARCHAR NOT NULL,
+        user_id VARCHAR NOT NULL,
+        email VARCHAR,
+        given_name VARCHAR,
+        family_name VARCHAR,
+        preferred_username VARCHAR,
+        active BOOLEAN,
+        PRIMARY KEY (organization_id, user_id)
+    """,
+    "delivered_memberships": """
+        organization_id VARCHAR NOT NULL,
+        group_id VARCHAR NOT NULL,
+        user_id VARCHAR NOT NULL,
+        PRIMARY KEY (organization_id, group_id, user_id)
+    """,
+    "delivered_roles": """
+        organization_id VARCHAR NOT NULL,
+        user_id VARCHAR NOT NULL,
+        role_name VARCHAR NOT NULL,
+        PRIMARY KEY (organization_id, user_id, role_name)
+    """,
+    "change_sets": """
+        change_id VARCHAR PRIMARY KEY,
+        organization_id VARCHAR NOT NULL,
+        entity VARCHAR NOT NULL,
+        op VARCHAR NOT NULL,
+        entity_key VARCHAR NOT NULL,
+        payload JSON,
+        status VARCHAR NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_error VARCHAR,
+        created_at TIMESTAMP NOT NULL,
+        delivered_at TIMESTAMP,
+        next_attempt_at TIMESTAMP,
+        batch_id VARCHAR
+    """,
+    "webhook_events": """
+        event_id VARCHAR,
+        webhook_id VARCHAR PRIMARY KEY,
+        type VARCHAR,
+        organization_id VARCHAR,
+        occurred_at TIMESTAMP,
+        received_at TIMESTAMP,
+        applied_at TIMESTAMP,
+        outcome VARCHAR,
+        inbox_seq BIGINT
+    """,
+    # Per-organization settings people change at run time (the guard's threshold, approvals).
+    "organization_settings": """
+        organization_id VARCHAR PRIMARY KEY,
+        deprovision_threshold DOUBLE,
+        approved_at TIMESTAMP
+    """,
+}
+
+
+def create_all(con: duckdb.DuckDBPyConnection) -> None:
+    """Create every table that does not exist yet (idempotent)."""
+    for name, columns in TABLES.items():
+        con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns})")
