@@ -107,6 +107,8 @@ TABLES: dict[str, str] = {
         organization_id VARCHAR NOT NULL,
         group_id VARCHAR NOT NULL,
         user_id VARCHAR NOT NULL,
+        -- the group's name as delivered with the add, so that the remove can carry it too
+        group_name VARCHAR,
         PRIMARY KEY (organization_id, group_id, user_id)
     """,
     "delivered_roles": """
@@ -115,6 +117,7 @@ TABLES: dict[str, str] = {
         role_name VARCHAR NOT NULL,
         PRIMARY KEY (organization_id, user_id, role_name)
     """,
+    # status: pending, delivered, failed, held, dead, and superseded (no longer in the diff: never sent).
     "change_sets": """
         change_id VARCHAR PRIMARY KEY,
         organization_id VARCHAR NOT NULL,
@@ -145,12 +148,31 @@ TABLES: dict[str, str] = {
     "organization_settings": """
         organization_id VARCHAR PRIMARY KEY,
         deprovision_threshold DOUBLE,
-        approved_at TIMESTAMP
+        approved_at TIMESTAMP,
+        deprovision_min_users INTEGER
+    """,
+}
+
+# The application's desired state: what the diff compares with delivered_* (SPEC "current facts for live users").
+# A user whose directory does not say whether they are active counts as active (SCIM's usual reading).
+VIEWS: dict[str, str] = {
+    "desired_users": """
+        SELECT organization_id, user_id, email, given_name, family_name, preferred_username,
+               coalesce(active, true) AS active
+        FROM directory_users WHERE deleted_at IS NULL
+    """,
+    "desired_memberships": """
+        SELECT organization_id, group_id, user_id, group_name FROM group_memberships
+    """,
+    "desired_roles": """
+        SELECT DISTINCT organization_id, user_id, role_name FROM role_assignments
     """,
 }
 
 
 def create_all(con: duckdb.DuckDBPyConnection) -> None:
-    """Create every table that does not exist yet (idempotent)."""
+    """Create every table that does not exist yet, and (re)define the views (idempotent)."""
     for name, columns in TABLES.items():
         con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns})")
+    for name, query in VIEWS.items():
+        con.execute(f"CREATE OR REPLACE VIEW {name} AS {query}")
