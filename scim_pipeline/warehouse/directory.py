@@ -1,0 +1,229 @@
+"""Directory snapshots into the warehouse.
+
+Listing an organization streams its pages to a spool of NDJSON files (so memory stays flat whatever the directory's
+size, and no warehouse lock is held while Scalekit is called); loading the spool is one short transaction per
+organization that stages the rows, then replaces that organization's rows: upserts, tombstones for users and groups
+that left, and the raw memberships. Rows changed by a webhook event newer than the listing are left alone.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Iterable
+
+import duckdb
+
+USER_COLUMNS = {
+    "user_id": "VARCHAR", "organization_id": "VARCHAR", "directory_id": "VARCHAR", "email": "VARCHAR",
+    "given_name": "VARCHAR", "family_name": "VARCHAR", "preferred_username": "VARCHAR", "active": "BOOLEAN",
+    "emails": "JSON", "groups": "JSON", "updated_at": "TIMESTAMP", "detail": "JSON",
+}
+GROUP_COLUMNS = {
+    "group_id": "VARCHAR", "organization_id": "VARCHAR", "directory_id": "VARCHAR", "display_name": "VARCHAR",
+    "total_users": "INTEGER", "updated_at": "TIMESTAMP", "detail": "JSON",
+}
+
+
+def _json_default(value):
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+@dataclass
+class Spool:
+    """One organization's listing on disk: users.ndjson and groups.ndjson, written page by page."""
+
+    folder: Path
+    organization_id: str
+    listed_at: datetime
+    users: int = 0
+    groups: int = 0
+    directories: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, root: Path, organization_id: str, listed_at: datetime) -> "Spool":
+        folder = root / organization_id
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        (folder / "users.ndjson").touch()
+        (folder / "groups.ndjson").touch()
+        return cls(folder, organization_id, listed_at)
+
+    def _append(self, name: str, records: Iterable[dict]) -> int:
+        lines = [json.dumps(r, default=_json_default, separators=(",", ":")) for r in records]
+        if lines:
+            with open(self.folder / name, "a") as f:
+                f.write("\n".join(lines) + "\n")
+        return len(lines)
+
+    def add_users(self, records: list[dict]) -> None:
+        self.users += self._append("users.ndjson", records)
+
+    def add_groups(self, records: list[dict]) -> None:
+        self.groups += self._append("groups.ndjson", records)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _read_json(path: Path, columns: dict[str, str]) -> str:
+    cols = ", ".join(f"'{k}': '{v}'" for k, v in columns.items())
+    return f"read_json('{path}', format='newline_delimited', columns={{{cols}}})"
+
+
+@dataclass
+class SnapshotCounts:
+    users: int
+    users_new: int
+    users_changed: int
+    users_deleted: int
+    groups: int
+    groups_new: int
+    groups_changed: int
+    groups_deleted: int
+    memberships: int
+
+
+def load_snapshot(con: duckdb.DuckDBPyConnection, spool: Spool, synced_at: datetime) -> SnapshotCounts:
+    """Replace one organization's directory rows with its spooled snapshot. Call inside a transaction."""
+    org = spool.organization_id
+    listed_at = spool.listed_at
+    con.execute("CREATE OR REPLACE TEMP TABLE stage_users AS SELECT * FROM " + _read_json(spool.folder / "users.ndjson", USER_COLUMNS))
+    con.execute("CREATE OR REPLACE TEMP TABLE stage_groups AS SELECT * FROM " + _read_json(spool.folder / "groups.ndjson", GROUP_COLUMNS))
+    # A row is ours to overwrite unless a webhook event newer than the listing already changed it.
+    fresh = "(t.event_at IS NULL OR t.event_at < $listed_at)"
+
+    users_new, users_changed = con.execute(
+        f"""
+        SELECT count(*) FILTER (WHERE t.user_id IS NULL),
+               count(*) FILTER (WHERE t.user_id IS NOT NULL AND {fresh} AND (
+                   t.deleted_at IS NOT NULL OR t.email IS DISTINCT FROM s.email
+                   OR t.given_name IS DISTINCT FROM s.given_name OR t.family_name IS DISTINCT FROM s.family_name
+                   OR t.preferred_username IS DISTINCT FROM s.preferred_username OR t.active IS DISTINCT FROM s.active
+                   OR t.detail::VARCHAR IS DISTINCT FROM s.detail::VARCHAR))
+        FROM stage_users s LEFT JOIN directory_users t USING (user_id)
+        """,
+        {"listed_at": listed_at},
+    ).fetchone()
+    con.execute(
+        f"""
+        INSERT INTO directory_users AS t (user_id, organization_id, directory_id, email, given_name, family_name,
+            preferred_username, active, emails, updated_at, detail, deleted_at, synced_at, event_at)
+        SELECT user_id, organization_id, directory_id, email, given_name, family_name, preferred_username, active,
+               emails, updated_at, detail, NULL, $synced_at, NULL
+        FROM stage_users
+        ON CONFLICT (user_id) DO UPDATE SET
+            organization_id = excluded.organization_id, directory_id = excluded.directory_id,
+            email = excluded.email, given_name = excluded.given_name, family_name = excluded.family_name,
+            preferred_username = excluded.preferred_username, active = excluded.active, emails = excluded.emails,
+            updated_at = excluded.updated_at, detail = excluded.detail, deleted_at = NULL,
+            synced_at = excluded.synced_at, event_at = NULL
+        WHERE {fresh}
+        """,
+        {"synced_at": synced_at, "listed_at": listed_at},
+    )
+    # Deletes are learned from the full snapshot: live users of this organization absent from it.
+    users_deleted = con.execute(
+        f"""
+        UPDATE directory_users AS t SET deleted_at = $synced_at, synced_at = $synced_at, event_at = $listed_at
+        WHERE t.organization_id = $org AND t.deleted_at IS NULL AND {fresh}
+          AND t.user_id NOT IN (SELECT user_id FROM stage_users)
+        """,
+        {"synced_at": synced_at, "listed_at": listed_at, "org": org},
+    ).fetchone()[0]
+
+    groups_new, groups_changed = con.execute(
+        f"""
+        SELECT count(*) FILTER (WHERE t.group_id IS NULL),
+               count(*) FILTER (WHERE t.group_id IS NOT NULL AND {fresh} AND (t.deleted_at IS NOT NULL
+                   OR t.display_name IS DISTINCT FROM s.display_name))
+        FROM stage_groups s LEFT JOIN directory_groups t USING (group_id)
+        """,
+        {"listed_at": listed_at},
+    ).fetchone()
+    con.execute(
+        f"""
+        INSERT INTO directory_groups AS t (group_id, organization_id, directory_id, display_name, updated_at, detail,
+            deleted_at, synced_at, event_at)
+        SELECT group_id, organization_id, directory_id, display_name, updated_at, detail, NULL, $synced_at, NULL
+        FROM stage_groups
+        ON CONFLICT (group_id) DO UPDATE SET
+            organization_id = excluded.organization_id, directory_id = excluded.directory_id,
+            display_name = excluded.display_name, updated_at = excluded.updated_at, detail = excluded.detail,
+            deleted_at = NULL, synced_at = excluded.synced_at, event_at = NULL
+        WHERE {fresh}
+        """,
+        {"synced_at": synced_at, "listed_at": listed_at},
+    )
+    groups_deleted = con.execute(
+        f"""
+        UPDATE directory_groups AS t SET deleted_at = $synced_at, synced_at = $synced_at, event_at = $listed_at
+        WHERE t.organization_id = $org AND t.deleted_at IS NULL AND {fresh}
+          AND t.group_id NOT IN (SELECT group_id FROM stage_groups)
+        """,
+        {"synced_at": synced_at, "listed_at": listed_at, "org": org},
+    ).fetchone()[0]
+
+    # Raw memberships follow their user's row: replaced wherever the snapshot was allowed to write the user.
+    con.execute(
+        """
+        DELETE FROM directory_user_groups
+        WHERE organization_id = $org AND user_id IN (
+            SELECT user_id FROM directory_users WHERE organization_id = $org AND synced_at = $synced_at)
+        """,
+        {"org": org, "synced_at": synced_at},
+    )
+    con.execute(
+        """
+        INSERT OR IGNORE INTO directory_user_groups (organization_id, user_id, group_id)
+        SELECT s.organization_id, s.user_id, g.value ->> 'id'
+        FROM stage_users s, json_each(s.groups) AS g
+        JOIN directory_users t ON t.user_id = s.user_id AND t.synced_at = $synced_at AND t.deleted_at IS NULL
+        """,
+        {"synced_at": synced_at},
+    )
+    memberships = con.execute(
+        "SELECT count(*) FROM directory_user_groups WHERE organization_id = $org", {"org": org}
+    ).fetchone()[0]
+    con.execute("DROP TABLE stage_users")
+    con.execute("DROP TABLE stage_groups")
+    return SnapshotCounts(
+        users=spool.users, users_new=users_new, users_changed=users_changed, users_deleted=users_deleted,
+        groups=spool.groups, groups_new=groups_new, groups_changed=groups_changed, groups_deleted=groups_deleted,
+        memberships=memberships,
+    )
+
+
+def upsert_organizations(con: duckdb.DuckDBPyConnection, orgs: list[dict], synced_at: datetime) -> None:
+    con.execute("CREATE OR REPLACE TEMP TABLE stage_orgs (organization_id VARCHAR, display_name VARCHAR, external_id VARCHAR)")
+    if orgs:
+        con.executemany(
+            "INSERT INTO stage_orgs VALUES (?, ?, ?)",
+            [(o["organization_id"], o["display_name"], o["external_id"]) for o in orgs],
+        )
+    con.execute(
+        """
+        INSERT OR REPLACE INTO organizations
+        SELECT organization_id, display_name, external_id, $synced_at FROM stage_orgs
+        """,
+        {"synced_at": synced_at},
+    )
+    con.execute("DROP TABLE stage_orgs")
+
+
+def upsert_directories(con: duckdb.DuckDBPyConnection, directories: list[dict], synced_at: datetime) -> None:
+    """Replace the directories of the organizations listed (a directory removed in Scalekit disappears)."""
+    orgs = sorted({d["organization_id"] for d in directories})
+    if orgs:
+        con.execute("DELETE FROM directories WHERE list_contains($orgs, organization_id)", {"orgs": orgs})
+    for d in directories:
+        con.execute(
+            "INSERT OR REPLACE INTO directories VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [d["directory_id"], d["organization_id"], d["name"], d["provider"], d["directory_type"], d["enabled"],
+             json.dumps(d["role_assignments"]), d["total_users"], d["total_groups"], synced_at],
+        )
