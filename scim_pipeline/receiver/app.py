@@ -1,0 +1,193 @@
+"""The webhook receiver: an ASGI app that accepts Scalekit's signed directory events into the durable inbox.
+
+``POST /webhooks/scalekit``: 413 for a body over the limit (declared or streamed), 401 unless the Standard Webhooks
+signature and timestamp check out, 400 for a body that is not a JSON object, else 200 once the event is durable
+(``accepted``, or ``duplicate`` for a webhook-id already stored). Event types are not judged here: the webhook
+sensor decides what to apply, so an unknown type is stored like any other.
+
+``GET /healthz``: 200 with the inbox's last seq.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import logging
+import signal
+import socket
+import sys
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from scim_pipeline.receiver.inbox import Inbox
+from scim_pipeline.receiver.signature import DEFAULT_TOLERANCE_S, SignatureError, Verifier
+
+log = logging.getLogger("scim_pipeline.receiver")
+
+WEBHOOK_PATH = "/webhooks/scalekit"
+MAX_BODY = 1024 * 1024
+
+
+class _Rejected(Exception):
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The raw body, refused as soon as it is known to exceed ``limit``: never more than that is held."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise _Rejected(400, "malformed content-length")
+        if int(declared) > limit:
+            raise _Rejected(413, f"body over {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():  # also covers chunked bodies, which declare no length
+        size += len(chunk)
+        if size > limit:
+            raise _Rejected(413, f"body over {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse(body: bytes) -> tuple[str, dict]:
+    try:
+        text = body.decode("utf-8")
+        payload = json.loads(text)
+    except (UnicodeDecodeError, ValueError):
+        raise _Rejected(400, "body is not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise _Rejected(400, "body is not a JSON object")
+    return text, payload
+
+
+def create_app(
+    inbox_path: str | Path,
+    secrets: list[str],
+    tolerance_s: float = DEFAULT_TOLERANCE_S,
+    max_body: int = MAX_BODY,
+    store: bool = True,
+) -> Starlette:
+    """The receiver's ASGI app. ``store=False`` answers right after verification and parsing, without touching the
+    inbox: a benchmark's ceiling, never for real use. The app's inbox is ``app.state.inbox``."""
+    verifier = Verifier(secrets, tolerance_s)
+    inbox = Inbox(inbox_path)
+
+    async def receive_webhook(request: Request) -> JSONResponse:
+        try:
+            body = await _read_body(request, max_body)
+            webhook_id = verifier.verify(request.headers, body)
+            text, payload = _parse(body)
+        except (_Rejected, SignatureError) as exc:
+            status = exc.status if isinstance(exc, _Rejected) else 401
+            _log_rejection(request, status, str(exc))
+            return JSONResponse({"error": str(exc)}, status)
+        if not store:
+            return JSONResponse({"status": "accepted"})
+        try:
+            stored = await inbox.append(webhook_id, text, payload)
+        except Exception as exc:  # not stored, so not acknowledged: Scalekit will retry
+            _log_rejection(request, 503, f"inbox unavailable: {exc.__class__.__name__}")
+            return JSONResponse({"error": "inbox unavailable"}, 503)
+        return JSONResponse({"status": "duplicate" if stored.duplicate else "accepted", "seq": stored.seq})
+
+    async def healthz(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok", "last_seq": await run_in_threadpool(inbox.last_seq)})
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette):
+        if store:
+            await run_in_threadpool(inbox.start)
+        try:
+            yield
+        finally:
+            # Uvicorn has finished the in-flight requests by now; this writes whatever is still queued.
+            await run_in_threadpool(inbox.close)
+
+    app = Starlette(
+        routes=[Route(WEBHOOK_PATH, receive_webhook, methods=["POST"]), Route("/healthz", healthz, methods=["GET"])],
+        lifespan=lifespan,
+    )
+    app.state.inbox = inbox
+    return app
+
+
+def _log_rejection(request: Request, status: int, reason: str) -> None:
+    client = request.client.host if request.client else "-"
+    webhook_id = (request.headers.get("webhook-id") or "-")[:80]
+    log.warning("webhook rejected: status=%d reason=%r webhook-id=%s client=%s", status, reason, webhook_id, client)
+
+
+# ------------------------------------------------------------------------------------------------------ server
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket, bound before uvicorn starts so that a taken port is one clear error, not a traceback."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except BaseException:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(app, sock: socket.socket) -> bool:
+    """Run ``app`` with uvicorn on ``sock`` until SIGTERM or SIGINT; True if it shut down cleanly."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        app, loop="auto", http="auto", ws="none", lifespan="on", access_log=False, log_level="info",
+        timeout_graceful_shutdown=10,
+    )
+    server = uvicorn.Server(config)
+    # Uvicorn re-raises the stopping signal after its graceful shutdown; with these neutral handlers in place, that
+    # ends in a normal return (exit code 0) rather than death by signal.
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return server.started
+
+
+def run_from_cli(args: argparse.Namespace) -> int:
+    from scim_pipeline.config import settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = settings()
+    secrets = cfg.webhook_secrets()  # ConfigError propagates: the CLI prints it as one line
+    try:
+        sock = listen(args.host, args.port)
+    except OSError as exc:
+        reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
+        print(f"scim-pipeline webhooks: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)
+        return 1
+    app = create_app(cfg.inbox_path, secrets)
+    try:
+        app.state.inbox.start()  # fail now, in one line, if the inbox cannot be written
+    except Exception as exc:
+        print(f"scim-pipeline webhooks: cannot open the inbox {cfg.inbox_path}: {exc}", file=sys.stderr)
+        sock.close()
+        return 1
+    log.info("webhook receiver on http://%s:%d%s, inbox %s, %d secret(s)", args.host, args.port, WEBHOOK_PATH,
+             cfg.inbox_path, len(secrets))
+    try:
+        return 0 if serve(app, sock) else 1
+    finally:
+        app.state.inbox.close()
+        sock.close()

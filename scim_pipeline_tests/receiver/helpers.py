@@ -1,0 +1,36 @@
+"""Signed Scalekit events for the receiver tests."""
+
+import base64
+import itertools
+import json
+import os
+import time
+
+from datetime import datetime, timezone
+
+from standardwebhooks import Webhook
+
+_ids = itertools.count(1)
+
+
+def new_secret() -> str:
+    return "whsec_" + base64.b64encode(os.urandom(24)).decode()
+
+
+def event_body(type_: str = "organization.directory.user_created", org: str = "org_1", **extra) -> bytes:
+    """A Scalekit envelope, serialized the way a producer would (key order and spacing are its own business)."""
+    n = next(_ids)
+    envelope = {
+        "spec_version": "1", "id": f"evt_{n}", "type": type_, "occurred_at": "2026-11-28T15:00:00.000Z",
+        "environment_id": "env_1", "organization_id": org, "object": "DirectoryUser",
+        "data": {"id": f"diruser_{n}", "email": f"user{n}@example.com"}, **extra,
+    }
+    return json.dumps(envelope).encode()
+
+
+def signed(secret: str, body: bytes, webhook_id: str | None = None, timestamp: int | None = None) -> dict[str, str]:
+    """Standard Webhooks headers made by the reference library, so that every probe also checks interoperability."""
+    webhook_id = webhook_id or f"msg_{next(_ids)}_{time.monotonic_ns()}"
+    ts = int(time.time()) if timestamp is None else timestamp
+    signature = Webhook(secret).sign(webhook_id, datetime.fromtimestamp(ts, timezone.utc), body.decode())
+    return {"webhook-id": webhook_id, "webhook-timestamp": str(ts), "webhook-signature": signature}
