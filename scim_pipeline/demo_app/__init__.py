@@ -1,0 +1,1 @@
+"""The demo application that receives change sets (SPEC "Application delivery protocol")."""
