@@ -1,0 +1,165 @@
+import asyncio
+import json
+import sqlite3
+import threading
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from scim_pipeline.receiver.inbox import Inbox, InboxClosed
+from scim_pipeline_tests.receiver.helpers import event_body
+
+
+def _put(inbox: Inbox, webhook_id: str, **kw):
+    return inbox.put(webhook_id, event_body(**kw).decode())
+
+
+def test_reader_on_missing_file_is_empty(home):
+    inbox = Inbox(home / "inbox.sqlite")
+    assert inbox.read_after(0) == [] and inbox.last_seq() == 0 and inbox.count() == 0
+    assert not (home / "inbox.sqlite").exists()  # reading never creates the file
+
+
+def test_stores_envelope_columns_and_raw_body(home):
+    body = event_body("organization.directory.group_created", org="org_9")
+    with Inbox(home / "inbox.sqlite") as inbox:
+        stored = inbox.put("msg_1", body.decode())
+        assert (stored.seq, stored.duplicate) == (1, False)
+    (event,) = Inbox(home / "inbox.sqlite").read_after(0)
+    payload = json.loads(body)
+    assert event.webhook_id == "msg_1" and event.event_id == payload["id"]
+    assert event.type == "organization.directory.group_created" and event.organization_id == "org_9"
+    assert event.occurred_at == payload["occurred_at"] and event.body == body.decode() and event.payload == payload
+    assert datetime.fromisoformat(event.received_at) <= datetime.now(timezone.utc)
+
+
+def test_duplicate_webhook_id_stored_once_and_seq_stays_dense(home):
+    with Inbox(home / "inbox.sqlite") as inbox:
+        first = _put(inbox, "msg_1")
+        again = _put(inbox, "msg_1")
+        second = _put(inbox, "msg_2")
+    assert again.duplicate and again.seq == first.seq
+    assert second.seq == first.seq + 1
+    reader = Inbox(home / "inbox.sqlite")
+    assert reader.count() == 2 and reader.last_seq() == second.seq
+    assert [e.webhook_id for e in reader.read_after(0)] == ["msg_1", "msg_2"]
+
+
+def test_non_string_envelope_fields_are_kept_only_in_body(home):
+    with Inbox(home / "inbox.sqlite") as inbox:
+        inbox.put("msg_1", json.dumps({"type": 7, "id": None, "data": {}}))
+    (event,) = Inbox(home / "inbox.sqlite").read_after(0)
+    assert event.type is None and event.event_id is None and event.payload["type"] == 7
+
+
+def test_read_after_pages(home):
+    with Inbox(home / "inbox.sqlite") as inbox:
+        for i in range(25):
+            _put(inbox, f"msg_{i}")
+    reader = Inbox(home / "inbox.sqlite")
+    page = reader.read_after(10, limit=7)
+    assert [e.seq for e in page] == list(range(11, 18))
+    assert reader.read_after(25) == []
+
+
+def test_concurrent_writers_and_a_reader_in_another_connection(home):
+    """Many threads append while a reader follows with its own cursor: it sees each event once, in seq order."""
+    path = home / "inbox.sqlite"
+    writers, per_writer = 8, 150
+    inbox = Inbox(path)
+    inbox.start()
+    done = threading.Event()
+
+    def write(w):
+        for i in range(per_writer):
+            _put(inbox, f"w{w}_{i}")
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+    for t in threads:
+        t.start()
+    reader, cursor, seen = Inbox(path), 0, []
+    for _ in range(10_000):  # bounded follow loop
+        page = reader.read_after(cursor, limit=100)
+        if page:
+            assert [e.seq for e in page] == sorted(e.seq for e in page) and page[0].seq > cursor
+            seen.extend(e.webhook_id for e in page)
+            cursor = page[-1].seq
+        elif done.is_set():
+            break
+        if not any(t.is_alive() for t in threads):
+            done.set()
+    for t in threads:
+        t.join()
+    inbox.close()
+    assert len(seen) == len(set(seen)) == writers * per_writer
+    assert reader.last_seq() == writers * per_writer
+
+
+def test_async_append_from_many_tasks(home):
+    async def main():
+        inbox = Inbox(home / "inbox.sqlite")
+        bodies = [event_body().decode() for _ in range(300)]
+        results = await asyncio.gather(*(inbox.append(f"msg_{i}", b, json.loads(b)) for i, b in enumerate(bodies)))
+        inbox.close()
+        return results
+
+    results = asyncio.run(main())
+    assert sorted(r.seq for r in results) == list(range(1, 301))
+
+
+def test_close_flushes_and_refuses_later_appends(home):
+    inbox = Inbox(home / "inbox.sqlite")
+    futures = []
+
+    async def main():
+        futures.extend(asyncio.ensure_future(inbox.append(f"m{i}", "{}", {})) for i in range(50))
+        await asyncio.sleep(0)  # let every append reach the queue
+        inbox.close()
+        return await asyncio.gather(*futures)
+
+    assert len(asyncio.run(main())) == 50
+    assert Inbox(home / "inbox.sqlite").count() == 50
+    with pytest.raises(InboxClosed):
+        inbox.put("late", "{}")
+
+
+def test_prunes_rows_older_than_retention_and_keeps_seq_monotonic(home):
+    path = home / "inbox.sqlite"
+    old = (datetime.now(timezone.utc) - timedelta(hours=73)).isoformat(timespec="milliseconds")
+    with Inbox(path) as inbox:
+        inbox.put("old_1", "{}", received_at=old)
+        inbox.put("old_2", "{}", received_at=old)
+        inbox.put("new_1", "{}")
+    with Inbox(path) as inbox:
+        inbox.start()  # pruning runs at start and then on a schedule in the writer
+        assert [e.webhook_id for e in inbox.read_after(0)] == ["new_1"]
+        assert inbox.put("new_2", "{}").seq == 4  # never reuses a pruned seq
+    # Everything pruned: the next seq still follows the highest ever handed out.
+    with Inbox(path, retention_s=0) as inbox:
+        inbox.start()
+        assert inbox.count() == 0 and inbox.last_seq() == 4
+        assert inbox.put("new_3", "{}").seq == 5
+
+
+def test_scheduled_prune_in_the_writer(home):
+    path = home / "inbox.sqlite"
+    old = (datetime.now(timezone.utc) - timedelta(hours=80)).isoformat(timespec="milliseconds")
+    with Inbox(path, prune_interval_s=0.05) as inbox:
+        inbox.put("fresh", "{}")
+        inbox.put("stale", "{}", received_at=old)
+        for _ in range(200):
+            if inbox.count() == 1:
+                break
+            threading.Event().wait(0.02)
+        assert [e.webhook_id for e in inbox.read_after(0)] == ["fresh"]
+
+
+def test_file_is_in_wal_mode(home):
+    path = home / "inbox.sqlite"
+    with Inbox(path) as inbox:
+        inbox.put("m", "{}")
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # persistent in the file
+    finally:
+        conn.close()
