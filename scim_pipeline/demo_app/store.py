@@ -110,10 +110,15 @@ def parse_batch(payload: Any) -> Batch:
 
 
 class Store:
-    """The application's database. One connection, serialized by a lock: batches apply one at a time."""
+    """The application's database. One connection, serialized by a lock: batches apply one at a time.
 
-    def __init__(self, path: Path):
+    A stored answer is replayed for ``idempotency_ttl_s`` (a day, as payment APIs do); after that the same key is a
+    new request, so a batch whose changes were once rejected can be judged afresh.
+    """
+
+    def __init__(self, path: Path, idempotency_ttl_s: float = 24 * 3600):
         self.path = path
+        self.idempotency_ttl_s = idempotency_ttl_s
         self._lock = threading.Lock()
         # Autocommit mode so that transactions are exactly the explicit BEGIN ... COMMIT below.
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -136,7 +141,8 @@ class Store:
             db.execute("BEGIN IMMEDIATE")
             try:
                 row = db.execute(
-                    "SELECT request_hash, response FROM idempotency WHERE idempotency_key = ?", (key,)
+                    "SELECT request_hash, response FROM idempotency WHERE idempotency_key = ? AND created_at >= ?",
+                    (key, time.time() - self.idempotency_ttl_s),
                 ).fetchone()
                 if row is not None:
                     db.execute("ROLLBACK")
@@ -146,7 +152,7 @@ class Store:
                 results = [self._apply_change(batch, change) for change in batch.changes]
                 response = {"batch_id": batch.batch_id, "results": results}
                 db.execute(
-                    "INSERT INTO idempotency VALUES (?, ?, ?, ?)",
+                    "INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?)",
                     (key, batch.fingerprint(), json.dumps(response), time.time()),
                 )
                 db.execute("COMMIT")
