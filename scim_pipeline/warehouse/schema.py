@@ -131,7 +131,9 @@ TABLES: dict[str, str] = {
         created_at TIMESTAMP NOT NULL,
         delivered_at TIMESTAMP,
         next_attempt_at TIMESTAMP,
-        batch_id VARCHAR
+        batch_id VARCHAR,
+        -- sent without an answer: the application may have applied it (only a newer change of its key replaces it)
+        in_doubt BOOLEAN NOT NULL DEFAULT false
     """,
     "webhook_events": """
         event_id VARCHAR,
