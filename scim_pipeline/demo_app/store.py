@@ -297,9 +297,9 @@ def _set_user(db: sqlite3.Connection, org: str, user_id: str, values: dict[str, 
 
 def _user_create(db, org, change):
     (user_id,) = _identity(change, ("user_id",))
-    data = _data(change)
-    _text(data, "email", required=True)
-    values = {"active": 1, **_attributes(data)}
+    # Only the identity is required: a directory may well hold a user without an email, and the application
+    # should mirror it rather than refuse it forever.
+    values = {"active": 1, **_attributes(_data(change))}
     # An existing user is upserted: the create may be a resend whose first answer was lost.
     db.execute(
         "INSERT INTO users (organization_id, user_id) VALUES (?, ?) ON CONFLICT DO NOTHING", (org, user_id)

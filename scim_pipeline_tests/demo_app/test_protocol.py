@@ -100,7 +100,7 @@ def test_a_rejected_change_does_not_block_the_others(app):
         change("c6", "user", "reactivate", {"user_id": "ghost"}),
         change("c7", "group", "create", {"group_id": "g1"}),
         change("c8", "user", "promote", {"user_id": "u1"}),
-        change("c9", "user", "create", {"user_id": "u2"}),
+        change("c9", "membership", "add", {"user_id": "u1", "group_name": "Eng"}, key=""),
         change("c10", "role", "grant", {"user_id": "u1"}, key=""),
         change("c11", "role", "grant", {"user_id": "u1", "role_name": "admin"}, key="u1/owner"),
         change("c12", "role", "grant", {"user_id": "u1", "role_name": "admin"}),
@@ -111,7 +111,7 @@ def test_a_rejected_change_does_not_block_the_others(app):
     assert "unknown user 'ghost'" in results["c4"]["error"]
     assert "unknown entity 'group'" in results["c7"]["error"]
     assert "unknown op 'promote'" in results["c8"]["error"]
-    assert results["c9"]["error"] == "data.email is required"
+    assert results["c9"]["error"] == "data.group_id is required"
     assert results["c10"]["error"] == "data.role_name is required"
     assert "does not match" in results["c11"]["error"]
     state = app.state()

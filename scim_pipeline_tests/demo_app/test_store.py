@@ -28,10 +28,11 @@ def test_identity_from_key_or_data_and_checked_values(store):
                  change("c5", "user", "update", ["not", "an", "object"], key="u1"),
                  change("c6", "membership", "add", {"group_name": "Eng"}, key="g1/u1"),
                  change("c7", "user", "delete", None, key="u2"),
-                 {"change_id": "c8", "entity": "user", "op": "create", "data": {"email": "x@example.com"}}) == {
+                 {"change_id": "c8", "entity": "user", "op": "create", "data": {"email": "x@example.com"}},
+                 change("c9", "user", "create", {"user_id": "u3"})) == {
         "c1": "applied", "c2": "applied", "c3": "data.active must be true or false",
         "c4": "data.email must be a string", "c5": "data must be an object", "c6": "applied", "c7": "applied",
-        "c8": "data.user_id is required"}
+        "c8": "data.user_id is required", "c9": "applied"}
     state = store.state()
     assert state["users"][0]["given_name"] == "Ann" and state["users"][0]["family_name"] == "Doe"
     assert state["memberships"] == [{"organization_id": "o", "group_id": "g1", "user_id": "u1"}]
