@@ -75,8 +75,8 @@ def _params(org_id: str | None, **extra: Any) -> dict[str, Any]:
 
 
 def _count(result: duckdb.DuckDBPyConnection) -> int:
-    row = result.fetchone()
-    return int(row[0]) if row else 0
+    rows = result.fetchall()  # to the end: DuckDB refuses new work while a result is unfinished
+    return int(rows[0][0]) if rows else 0
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -159,4 +159,4 @@ def test_memberships_only_for_live_users_and_groups(con):
                        " ORDER BY ALL").fetchall()
     assert rows == [("g_adm", "u_admin", "IT Admins"), ("g_eng", "u_eng", "engineering - Platform"),
                     ("g_eng", "u_off", "engineering - Platform")]
-    assert con.execute("SELECT count(*) FROM group_memberships WHERE organization_id = 'org_b'").fetchone() == (1,)
+    assert con.execute("SELECT count(*) FROM group_memberships WHERE organization_id = 'org_b'").fetchall()[0] == (1,)
