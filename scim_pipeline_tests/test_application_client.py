@@ -257,6 +257,21 @@ def test_ledger_rows_are_accepted():
     assert json.loads(server.requests[0][2])["changes"] == [change("c1", "user", "create", user("u1"))]
 
 
+def test_a_resend_on_a_later_run_is_a_new_request_for_the_application(home):
+    """Ledger rows carry their attempts: a change rejected on one run is judged afresh on the next, not answered
+    from the stored response, and a change applied before is still not applied again."""
+    create = {**change("c1", "user", "create", user("u1")), "attempts": 0}
+    grant = {**change("c2", "role", "grant", {"user_id": "u1", "role_name": "r"}), "attempts": 0}
+    with running_app(home) as app, client(app.url, secret=app.secret) as c:
+        assert c.send_batch("org_1", [grant])[0].status == "rejected"
+        assert c.send_batch("org_1", [grant])[0].status == "rejected"  # same attempts: the stored answer
+        assert c.send_batch("org_1", [create])[0].status == "applied"
+        assert c.send_batch("org_1", [{**grant, "attempts": 1}]) == [ChangeResult("c2", "applied")]
+        assert c.send_batch("org_1", [{**create, "attempts": 1}]) == [ChangeResult("c1", "applied")]
+        stats = app.stats()
+        assert stats["replays"] == 1 and stats["max_applications"] == 1
+
+
 def test_the_dagster_resource_reads_the_settings(home):
     write_dotenv(home / "app.env", {"SCIM_PIPELINE_APP_SECRET": SECRET, "SCIM_PIPELINE_APP_URL": "http://127.0.0.1:9/"})
     with ApplicationResource().client() as c:

@@ -48,6 +48,9 @@ class ChangeResult:
     status: str  # "applied" | "rejected" | "failed" (not answered, or the batch was not delivered)
     error: Optional[str] = None
 
+    def as_dict(self) -> dict[str, Any]:
+        return {"change_id": self.change_id, "status": self.status, "error": self.error}
+
 
 # -- order ------------------------------------------------------------------------------------------------------
 
@@ -86,6 +89,16 @@ def batch_id(organization_id: str, change_ids: Iterable[str]) -> str:
     """Stable for the same organization and set of changes, so a resent batch carries the same Idempotency-Key."""
     digest = hashlib.sha256("\n".join([organization_id, *sorted(change_ids)]).encode()).hexdigest()
     return f"batch_{digest[:40]}"
+
+
+def _batch_id_of(organization_id: str, changes: list[dict]) -> str:
+    """The batch id of changes as given. Ledger rows carry ``attempts``; it joins the id, so that retries within one
+    send share a key while a resend on a later run (the ledger recorded the earlier outcome) is a new request: the
+    application judges a once-rejected change afresh instead of answering from a stored response. Nothing is applied
+    twice either way: the application applies each change_id once."""
+    return batch_id(organization_id, [
+        c["change_id"] if c.get("attempts") is None else f"{c['change_id']}#{c['attempts']}" for c in changes
+    ])
 
 
 def _wire_change(change: dict) -> dict:
@@ -171,7 +184,7 @@ class ApplicationClient:
         wire = [_wire_change(c) for c in changes]
         if not wire:
             return []
-        bid = batch_id(organization_id, [c["change_id"] for c in wire])
+        bid = _batch_id_of(organization_id, changes)
         body = json.dumps(
             {"batch_id": bid, "organization_id": organization_id, "changes": wire}, separators=(",", ":")
         ).encode()
