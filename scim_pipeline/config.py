@@ -19,6 +19,7 @@ EMULATOR_ENV_FILE = "emulator.env"
 APP_ENV_FILE = "app.env"
 WAREHOUSE_FILE = "warehouse.duckdb"
 INBOX_FILE = "inbox.sqlite"
+OUTBOX_INDEX_FILE = "outbox.sqlite"
 
 _SECRET_RE = re.compile(r"^whsec_[A-Za-z0-9+/=]+$")
 
@@ -145,6 +146,10 @@ class Settings:
     @property
     def inbox_path(self) -> Path:
         return self.home / INBOX_FILE
+
+    @property
+    def outbox_index_path(self) -> Path:
+        return self.home / OUTBOX_INDEX_FILE
 
 
 def default_role_mappings_path() -> Path:

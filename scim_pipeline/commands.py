@@ -1,0 +1,204 @@
+"""The pipeline's own subcommands: sync, sql, changes, approve."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import pandas as pd
+
+from scim_pipeline.config import settings
+from scim_pipeline.directory_sync import utcnow
+from scim_pipeline.outbox_index import OutboxIndex
+from scim_pipeline.resources.warehouse import Warehouse, WarehouseBusy
+
+ORGS_PER_RUN = 50
+QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+
+
+def warehouse() -> Warehouse:
+    return Warehouse(settings().warehouse_path)
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def run_sync(organization_ids: list[str] | None = None, delivery_backoff_s: float | None = None,
+             say=_say) -> dict:
+    """Materialize the whole pipeline once, headless: catalogue, directory sync and change sets of every
+    organization (or those given), then delivery. Returns a summary; raises SyncFailed when a run fails."""
+    import dagster as dg
+
+    from scim_pipeline.dagster_home import ensure_dagster_home
+    from scim_pipeline.defs.directory.automation import RANGE_END, RANGE_START
+    from scim_pipeline.defs.partitions import organizations_partitions
+    from scim_pipeline.definitions import defs
+
+    ensure_dagster_home()
+    instance = dg.DagsterInstance.get()
+    started = time.monotonic()
+
+    say("Listing organizations and directories from Scalekit ...")
+    _execute(defs.get_job_def("directory_catalog"), instance, run_config=QUIET_LOGS)
+    with warehouse().read() as con:
+        syncable = [r[0] for r in con.execute(
+            "SELECT DISTINCT organization_id FROM directories WHERE enabled ORDER BY 1").fetchall()]
+        known = {r[0] for r in con.execute("SELECT organization_id FROM organizations").fetchall()}
+    if organization_ids:
+        unknown = [o for o in organization_ids if o not in known]
+        if unknown:
+            raise SyncFailed(f"unknown organization(s): {', '.join(unknown)}")
+        targets = list(dict.fromkeys(organization_ids))
+    else:
+        targets = syncable
+    existing = set(instance.get_dynamic_partitions(organizations_partitions.name))
+    new = [o for o in targets if o not in existing]
+    if new:
+        instance.add_dynamic_partitions(organizations_partitions.name, new)
+    say(f"Syncing {len(targets)} organization(s) ...")
+
+    sync_job = defs.get_job_def("directory_sync")
+    if organization_ids:  # explicit organizations need not be contiguous partitions: one run each
+        for org in targets:
+            _execute(sync_job, instance, partition_key=org, run_config=QUIET_LOGS)
+    else:
+        keys = [k for k in instance.get_dynamic_partitions(organizations_partitions.name) if k in set(targets)]
+        all_keys = list(instance.get_dynamic_partitions(organizations_partitions.name))
+        # Partition ranges follow the partitions' order; run contiguous chunks of the wanted keys.
+        chunk: list[str] = []
+        for key in all_keys + [None]:
+            if key in set(keys) and len(chunk) < ORGS_PER_RUN:
+                chunk.append(key)
+                continue
+            if chunk:
+                _execute(sync_job, instance, run_config=QUIET_LOGS,
+                         tags={RANGE_START: chunk[0], RANGE_END: chunk[-1]})
+            chunk = [key] if key in set(keys) else []
+
+    say("Delivering change sets to the application ...")
+    config = {"organizations": targets}
+    if delivery_backoff_s is not None:
+        config["backoff_s"] = delivery_backoff_s
+    _execute(defs.get_job_def("deliver_changes"), instance,
+             run_config={**QUIET_LOGS, "ops": {"deliver": {"config": config}}})
+    summary = summarize(targets)
+    summary["seconds"] = round(time.monotonic() - started, 1)
+    return summary
+
+
+class SyncFailed(Exception):
+    pass
+
+
+def _execute(job, instance, **kwargs):
+    result = job.execute_in_process(instance=instance, raise_on_error=False, **kwargs)
+    if not result.success:
+        errors = [
+            e.event_specific_data.error.message.strip().splitlines()[0]
+            for e in result.all_events
+            if e.is_failure and getattr(e.event_specific_data, "error", None) is not None
+        ]
+        raise SyncFailed(f"run {result.run_id[:8]} of {job.name} failed: " + ("; ".join(errors) or "see its logs"))
+    return result
+
+
+def summarize(organization_ids: list[str] | None = None) -> dict:
+    scope = "WHERE list_contains($orgs, organization_id)" if organization_ids else ""
+    params = {"orgs": organization_ids} if organization_ids else {}
+    with warehouse().read() as con:
+        one = lambda q: con.execute(q.format(scope=scope), params).fetchone()[0]  # noqa: E731
+        summary = {
+            "organizations": one("SELECT count(*) FROM organizations {scope}"),
+            "users": one("SELECT count(*) FROM directory_users {scope}" + (" AND" if scope else " WHERE") + " deleted_at IS NULL"),
+            "groups": one("SELECT count(*) FROM directory_groups {scope}" + (" AND" if scope else " WHERE") + " deleted_at IS NULL"),
+            "memberships": one("SELECT count(*) FROM group_memberships {scope}"),
+            "roles": one("SELECT count(*) FROM role_assignments {scope}"),
+        }
+        summary["changes"] = dict(con.execute(
+            f"SELECT status, count(*) FROM change_sets {scope} GROUP BY 1 ORDER BY 1", params).fetchall())
+        failures = con.execute(
+            f"SELECT organization_id, count(*), any_value(last_error) FROM change_sets {scope}"
+            + (" AND" if scope else " WHERE") + " status IN ('failed', 'dead') GROUP BY 1", params).fetchall()
+        summary["undelivered"] = {org: {"changes": n, "error": err} for org, n, err in failures}
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    print(f"organizations: {summary['organizations']}  users: {summary['users']}  groups: {summary['groups']}  "
+          f"memberships: {summary['memberships']}  roles: {summary['roles']}")
+    print("changes: " + (", ".join(f"{k} {v}" for k, v in summary["changes"].items()) or "none"))
+    for org, info in summary["undelivered"].items():
+        print(f"  {org}: {info['changes']} change(s) waiting for the application ({info['error']})")
+    if "seconds" in summary:
+        print(f"took {summary['seconds']}s")
+
+
+def sync_from_cli(args) -> int:
+    try:
+        summary = run_sync(args.org or None)
+    except SyncFailed as exc:
+        print(f"scim-pipeline sync: {exc}", file=sys.stderr)
+        return 1
+    print_summary(summary)
+    return 0
+
+
+def query(sql: str) -> pd.DataFrame:
+    """Read-only SQL on the warehouse: the connection cannot write, and is held only for this query."""
+    with warehouse().read() as con:
+        return con.execute(sql).df()
+
+
+def format_frame(frame: pd.DataFrame, fmt: str) -> str:
+    if fmt == "csv":
+        return frame.to_csv(index=False).rstrip("\n")
+    if fmt == "json":
+        return json.dumps(json.loads(frame.to_json(orient="records", date_format="iso")), indent=2)
+    if frame.empty:
+        return "(no rows)"
+    return frame.to_string(index=False, max_colwidth=60)
+
+
+def sql_from_cli(args) -> int:
+    import duckdb
+
+    try:
+        frame = query(args.query)
+    except WarehouseBusy as exc:
+        print(f"scim-pipeline sql: {exc}; try again", file=sys.stderr)
+        return 1
+    except duckdb.Error as exc:
+        print(f"scim-pipeline sql: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 1
+    print(format_frame(frame, args.format))
+    return 0
+
+
+def changes_from_cli(args) -> int:
+    where, params = [], {}
+    if args.org:
+        where.append("organization_id = $org")
+        params["org"] = args.org
+    if args.status:
+        where.append("status = $status")
+        params["status"] = args.status
+    sql = ("SELECT change_id, organization_id, entity, op, entity_key, status, attempts, last_error, created_at, "
+           "delivered_at FROM change_sets" + (" WHERE " + " AND ".join(where) if where else "")
+           + " ORDER BY created_at, organization_id, entity_key")
+    with warehouse().read() as con:
+        frame = con.execute(sql, params).df()
+    print(format_frame(frame, "table"))
+    return 0
+
+
+def approve_from_cli(args) -> int:
+    from scim_pipeline.warehouse.provisioning import approve
+
+    now = utcnow()
+    with warehouse().write() as con:
+        released = approve(con, args.org, now)
+    OutboxIndex(settings().outbox_index_path).mark_ready([args.org], now)
+    print(f"{args.org}: released {released} held change(s); the delivery sensor (or the next sync) sends them")
+    return 0
