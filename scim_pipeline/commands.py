@@ -41,7 +41,7 @@ def run_sync(organization_ids: list[str] | None = None, delivery_backoff_s: floa
     started = time.monotonic()
 
     say("Listing organizations and directories from Scalekit ...")
-    _execute(defs.get_job_def("directory_catalog"), instance, run_config=QUIET_LOGS)
+    _execute(defs.resolve_job_def("directory_catalog"), instance, run_config=QUIET_LOGS)
     with warehouse().read() as con:
         syncable = [r[0] for r in con.execute(
             "SELECT DISTINCT organization_id FROM directories WHERE enabled ORDER BY 1").fetchall()]
@@ -59,7 +59,7 @@ def run_sync(organization_ids: list[str] | None = None, delivery_backoff_s: floa
         instance.add_dynamic_partitions(organizations_partitions.name, new)
     say(f"Syncing {len(targets)} organization(s) ...")
 
-    sync_job = defs.get_job_def("directory_sync")
+    sync_job = defs.resolve_job_def("directory_sync")
     if organization_ids:  # explicit organizations need not be contiguous partitions: one run each
         for org in targets:
             _execute(sync_job, instance, partition_key=org, run_config=QUIET_LOGS)
@@ -81,7 +81,7 @@ def run_sync(organization_ids: list[str] | None = None, delivery_backoff_s: floa
     config = {"organizations": targets}
     if delivery_backoff_s is not None:
         config["backoff_s"] = delivery_backoff_s
-    _execute(defs.get_job_def("deliver_changes"), instance,
+    _execute(defs.resolve_job_def("deliver_changes"), instance,
              run_config={**QUIET_LOGS, "ops": {"deliver": {"config": config}}})
     summary = summarize(targets)
     summary["seconds"] = round(time.monotonic() - started, 1)

@@ -108,12 +108,13 @@ class Settings:
             raise ConfigError(f"SCALEKIT_ENVIRONMENT_URL is malformed: expected https://host[:port], got {url!r}")
         client_id = self._require("SCALEKIT_CLIENT_ID")
         secret = self._require("SCALEKIT_CLIENT_SECRET")
-        # The SDK's gRPC channel reads its CA from the environment; the emulator's CA lives in emulator.env.
-        for ca_var in ("REQUESTS_CA_BUNDLE", "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH"):
-            if not os.environ.get(ca_var):
-                ca = lookup(ca_var, self.home)
-                if ca:
-                    os.environ[ca_var] = ca
+        if not os.environ.get("SCALEKIT_ENVIRONMENT_URL"):
+            # The environment came from the emulator's emulator.env: its CA comes with it, over whatever bundle the
+            # shell names, since the SDK's token request and gRPC channel read their roots from these variables.
+            emulator_env = read_dotenv(self.home / EMULATOR_ENV_FILE)
+            for ca_var in ("REQUESTS_CA_BUNDLE", "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH"):
+                if emulator_env.get(ca_var):
+                    os.environ[ca_var] = emulator_env[ca_var]
         return ScalekitSettings(url, client_id, secret)
 
     def webhook_secrets(self) -> list[str]:

@@ -79,7 +79,7 @@ def deliver(
         with warehouse.write() as con:
             stamp = now()
             if answered:
-                record_results(con, [r.__dict__ for r in answered], stamp, policy.max_attempts, policy.backoff_s,
+                record_results(con, [r.as_dict() for r in answered], stamp, policy.max_attempts, policy.backoff_s,
                                policy.backoff_cap_s)
             if failed:
                 error = failed[0].error or "not delivered"
