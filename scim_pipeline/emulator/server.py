@@ -170,7 +170,7 @@ class Emulator:
         await router.close()
         for conn in list(http_state.connections):
             conn.shutdown()
-        grpc_server.stop(1).wait(3)
+        grpc_server.stop(0.2).wait(3)
         await asyncio.to_thread(self.sender.stop)
         return 0
 

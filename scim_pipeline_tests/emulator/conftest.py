@@ -11,3 +11,12 @@ emulator = emulator_fixture(seed=5, orgs=2, users_per_org=20, groups_per_org=4)
 @pytest.fixture
 def client(emulator):
     return emulator.client()
+
+
+@pytest.fixture
+def receiver():
+    from scim_pipeline_tests.emulator.receiver import WebhookReceiver
+
+    r = WebhookReceiver()
+    yield r
+    r.close()
