@@ -182,28 +182,50 @@ def desired_state(con: duckdb.DuckDBPyConnection, org_id: str) -> dict[str, pd.D
 # --------------------------------------------------------------------------------------------------------------------
 # Diff and ledger
 
+# The diff. Whole-table joins over millions of string keys are what costs here, so each entity is first compared by
+# 64-bit fingerprints (DuckDB's hash): users by a hash of their mapped fields, memberships per user by the XOR of
+# their groups' hashes (and their count), roles by a hash of the whole row, with the columns re-checked so that a hash
+# collision yields both changes instead of none. Payloads are built only for what differs. A real difference is
+# missed only if two different 64-bit fingerprints collide: about 2^-64 per changed row.
 _DIFF_SQL = """
 CREATE OR REPLACE TEMP TABLE _diff_raw AS
-WITH want_users AS (SELECT * FROM desired_users WHERE {scope}),
-have_users AS (SELECT * FROM delivered_users WHERE {scope}),
-users AS (
+WITH user_diff AS (
     SELECT coalesce(d.organization_id, h.organization_id) AS organization_id,
-           'user' AS entity,
+           coalesce(d.user_id, h.user_id) AS user_id,
            CASE WHEN h.user_id IS NULL THEN 'create'
                 WHEN d.user_id IS NULL THEN 'delete'
                 WHEN d.active IS DISTINCT FROM h.active THEN CASE WHEN d.active THEN 'reactivate' ELSE 'deactivate' END
-                WHEN d.email IS DISTINCT FROM h.email OR d.given_name IS DISTINCT FROM h.given_name
-                  OR d.family_name IS DISTINCT FROM h.family_name
-                  OR d.preferred_username IS DISTINCT FROM h.preferred_username THEN 'update'
-           END AS op,
-           coalesce(d.user_id, h.user_id) AS user_id,
-           coalesce(d.user_id, h.user_id) AS entity_key,
-           CASE WHEN d.user_id IS NULL THEN json_object('user_id', h.user_id)
-                ELSE json_object('user_id', d.user_id, 'email', d.email, 'given_name', d.given_name,
-                                 'family_name', d.family_name, 'preferred_username', d.preferred_username,
-                                 'active', d.active)
-           END::VARCHAR AS payload
-    FROM want_users d FULL JOIN have_users h ON d.organization_id = h.organization_id AND d.user_id = h.user_id
+                ELSE 'update'
+           END AS op
+    FROM (SELECT organization_id, user_id, active,
+                 hash(email, given_name, family_name, preferred_username) AS fp
+          FROM desired_users WHERE {scope}) d
+    FULL JOIN (SELECT organization_id, user_id, active,
+                      hash(email, given_name, family_name, preferred_username) AS fp
+               FROM delivered_users WHERE {scope}) h
+      ON d.organization_id = h.organization_id AND d.user_id = h.user_id
+    WHERE d.user_id IS NULL OR h.user_id IS NULL OR d.active IS DISTINCT FROM h.active OR d.fp <> h.fp
+),
+users AS (
+    SELECT x.organization_id, 'user' AS entity, x.op, x.user_id, x.user_id AS entity_key,
+           CASE WHEN x.op = 'delete' THEN json_object('user_id', x.user_id)
+                ELSE json_object('user_id', u.user_id, 'email', u.email, 'given_name', u.given_name,
+                                 'family_name', u.family_name, 'preferred_username', u.preferred_username,
+                                 'active', u.active)
+           END AS payload
+    FROM user_diff x
+    LEFT JOIN (SELECT * FROM desired_users WHERE {scope}) u
+      ON u.organization_id = x.organization_id AND u.user_id = x.user_id
+),
+membership_users AS (  -- users whose set of (organization, group) differs; user ids are unique across organizations
+    SELECT user_id
+    FROM (SELECT user_id, hash(organization_id, group_id) AS h, true AS wanted
+          FROM desired_memberships WHERE {scope}
+          UNION ALL
+          SELECT user_id, hash(organization_id, group_id), false FROM delivered_memberships WHERE {scope})
+    GROUP BY user_id
+    HAVING bit_xor(h) FILTER (wanted) IS DISTINCT FROM bit_xor(h) FILTER (NOT wanted)
+        OR count(*) FILTER (wanted) <> count(*) FILTER (NOT wanted)
 ),
 memberships AS (
     SELECT coalesce(d.organization_id, h.organization_id) AS organization_id,
@@ -212,26 +234,34 @@ memberships AS (
            coalesce(d.user_id, h.user_id) AS user_id,
            coalesce(d.group_id, h.group_id) || '/' || coalesce(d.user_id, h.user_id) AS entity_key,
            json_object('group_id', coalesce(d.group_id, h.group_id), 'user_id', coalesce(d.user_id, h.user_id),
-                       'group_name', coalesce(d.group_name, h.group_name))::VARCHAR AS payload
-    FROM (SELECT * FROM desired_memberships WHERE {scope}) d
-    FULL JOIN (SELECT * FROM delivered_memberships WHERE {scope}) h
+                       'group_name', coalesce(d.group_name, h.group_name)) AS payload
+    FROM (SELECT * FROM desired_memberships WHERE {scope}
+          AND user_id IN (SELECT user_id FROM membership_users)) d
+    FULL JOIN (SELECT * FROM delivered_memberships WHERE {scope}
+               AND user_id IN (SELECT user_id FROM membership_users)) h
       ON d.organization_id = h.organization_id AND d.group_id = h.group_id AND d.user_id = h.user_id
     WHERE d.user_id IS NULL OR h.user_id IS NULL
 ),
+role_pairs AS (
+    SELECT d.organization_id AS d_org, d.user_id AS d_user, d.role_name AS d_role,
+           h.organization_id AS h_org, h.user_id AS h_user, h.role_name AS h_role
+    FROM (SELECT *, hash(organization_id, user_id, role_name) AS k FROM desired_roles WHERE {scope}) d
+    FULL JOIN (SELECT *, hash(organization_id, user_id, role_name) AS k FROM delivered_roles WHERE {scope}) h
+      ON d.k = h.k
+    WHERE d.k IS NULL OR h.k IS NULL
+       OR d.organization_id <> h.organization_id OR d.user_id <> h.user_id OR d.role_name <> h.role_name
+),
 roles AS (
-    SELECT coalesce(d.organization_id, h.organization_id) AS organization_id,
-           'role' AS entity,
-           CASE WHEN h.user_id IS NULL THEN 'grant' ELSE 'revoke' END AS op,
-           coalesce(d.user_id, h.user_id) AS user_id,
-           coalesce(d.user_id, h.user_id) || '/' || coalesce(d.role_name, h.role_name) AS entity_key,
-           json_object('user_id', coalesce(d.user_id, h.user_id),
-                       'role_name', coalesce(d.role_name, h.role_name))::VARCHAR AS payload
-    FROM (SELECT * FROM desired_roles WHERE {scope}) d
-    FULL JOIN (SELECT * FROM delivered_roles WHERE {scope}) h
-      ON d.organization_id = h.organization_id AND d.user_id = h.user_id AND d.role_name = h.role_name
-    WHERE d.user_id IS NULL OR h.user_id IS NULL
+    SELECT d_org AS organization_id, 'role' AS entity, 'grant' AS op, d_user AS user_id,
+           d_user || '/' || d_role AS entity_key,
+           json_object('user_id', d_user, 'role_name', d_role) AS payload
+    FROM role_pairs WHERE d_user IS NOT NULL
+    UNION ALL
+    SELECT h_org, 'role', 'revoke', h_user, h_user || '/' || h_role,
+           json_object('user_id', h_user, 'role_name', h_role)
+    FROM role_pairs WHERE h_user IS NOT NULL
 )
-SELECT * FROM users WHERE op IS NOT NULL
+SELECT * FROM users
 UNION ALL SELECT * FROM memberships
 UNION ALL SELECT * FROM roles
 """
@@ -240,7 +270,7 @@ UNION ALL SELECT * FROM roles
 _IDS_SQL = """
 CREATE OR REPLACE TEMP TABLE _diff AS
 SELECT r.*,
-       'chg_' || md5(concat_ws(chr(31), r.organization_id, r.entity, r.op, r.entity_key, r.payload,
+       'chg_' || md5(concat_ws(chr(31), r.organization_id, r.entity, r.op, r.entity_key, r.payload::VARCHAR,
                                coalesce(g.generation, 0)::VARCHAR)) AS change_id
 FROM _diff_raw r
 LEFT JOIN (
@@ -374,8 +404,10 @@ def compute_change_sets(
     con.execute(
         """
         UPDATE change_sets c
-        SET status = CASE WHEN c.change_id IN (SELECT change_id FROM _hold) THEN 'held' ELSE 'pending' END
-        WHERE c.change_id IN (SELECT change_id FROM _diff) AND c.status IN ('pending', 'held')
+        SET status = CASE WHEN c.status = 'pending' THEN 'held' ELSE 'pending' END
+        WHERE c.change_id IN (SELECT change_id FROM _diff)
+          AND ((c.status = 'pending' AND c.change_id IN (SELECT change_id FROM _hold))
+               OR (c.status = 'held' AND c.change_id NOT IN (SELECT change_id FROM _hold)))
         """
     )
 
