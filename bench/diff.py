@@ -53,7 +53,7 @@ class _Con:
 
 
 def generate(path: Path, users: int, orgs: int, churn: float) -> dict[str, int]:
-    con = _Con(duckdb.connect(str(path)))
+    con = _Con(duckdb.connect(str(path), config={"enable_progress_bar": False}))
     create_all(con.con)
     p = {"users": users, "orgs": orgs, "groups": GROUPS_PER_ORG}
     # Desired side: directory users, their memberships and roles (what derive_* would have written).
@@ -143,7 +143,7 @@ def run_duckdb(path: str) -> dict:
     from scim_pipeline.role_mapping import GuardSettings
     from scim_pipeline.warehouse.provisioning import compute_change_sets
 
-    con = duckdb.connect(path)
+    con = duckdb.connect(path, config={"enable_progress_bar": False})
     rss_open = peak_rss_mb()
     out = {}
     for variant in ("all_orgs", "per_org"):
@@ -170,7 +170,7 @@ def run_duckdb(path: str) -> dict:
 def run_pandas(path: str) -> dict:
     import pandas as pd
 
-    con = duckdb.connect(path, read_only=True)
+    con = duckdb.connect(path, read_only=True, config={"enable_progress_bar": False})
     want_users = con.execute("SELECT organization_id, user_id, email, given_name, family_name, preferred_username, "
                              "active FROM desired_users").df()
     have_users = con.execute("SELECT * FROM delivered_users").df()

@@ -217,15 +217,14 @@ users AS (
     LEFT JOIN (SELECT * FROM desired_users WHERE {scope}) u
       ON u.organization_id = x.organization_id AND u.user_id = x.user_id
 ),
-membership_users AS (  -- users whose set of (organization, group) differs; user ids are unique across organizations
-    SELECT user_id
-    FROM (SELECT user_id, hash(organization_id, group_id) AS h, true AS wanted
+membership_users AS (  -- hashes of the users whose set of (organization, group) differs: every membership on both
+    SELECT u                 -- sides cancels out of the XOR; the integer key groups fast, and a collision only brings
+    FROM (SELECT hash(user_id) AS u, hash(organization_id, group_id) AS h   -- another user into the exact comparison
           FROM desired_memberships WHERE {scope}
           UNION ALL
-          SELECT user_id, hash(organization_id, group_id), false FROM delivered_memberships WHERE {scope})
-    GROUP BY user_id
-    HAVING bit_xor(h) FILTER (wanted) IS DISTINCT FROM bit_xor(h) FILTER (NOT wanted)
-        OR count(*) FILTER (wanted) <> count(*) FILTER (NOT wanted)
+          SELECT hash(user_id), hash(organization_id, group_id) FROM delivered_memberships WHERE {scope})
+    GROUP BY u
+    HAVING bit_xor(h) <> 0
 ),
 memberships AS (
     SELECT coalesce(d.organization_id, h.organization_id) AS organization_id,
@@ -236,9 +235,9 @@ memberships AS (
            json_object('group_id', coalesce(d.group_id, h.group_id), 'user_id', coalesce(d.user_id, h.user_id),
                        'group_name', coalesce(d.group_name, h.group_name)) AS payload
     FROM (SELECT * FROM desired_memberships WHERE {scope}
-          AND user_id IN (SELECT user_id FROM membership_users)) d
+          AND hash(user_id) IN (SELECT u FROM membership_users)) d
     FULL JOIN (SELECT * FROM delivered_memberships WHERE {scope}
-               AND user_id IN (SELECT user_id FROM membership_users)) h
+               AND hash(user_id) IN (SELECT u FROM membership_users)) h
       ON d.organization_id = h.organization_id AND d.group_id = h.group_id AND d.user_id = h.user_id
     WHERE d.user_id IS NULL OR h.user_id IS NULL
 ),
