@@ -36,6 +36,7 @@ Choices worth knowing:
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any, Iterable, Mapping
 
@@ -60,9 +61,6 @@ DELIVERY_RANK = {
 _RANK_SQL = "CASE " + " ".join(
     f"WHEN entity = '{e}' AND op = '{o}' THEN {r}" for (e, o), r in DELIVERY_RANK.items()
 ) + " ELSE 9 END"
-
-# Statuses from which a change can still be sent (or brought back) by the diff.
-_OPEN_STATUSES = "('pending', 'held', 'failed', 'dead', 'superseded')"
 
 
 def _scope(org_id: str | None, column: str = "organization_id") -> str:
@@ -452,8 +450,6 @@ def ready_changes(
     """Changes to send now, in delivery order: pending ones, and failed ones whose backoff has passed (held, dead,
     superseded and delivered ones never). Each is ``{"change_id", "organization_id", "entity", "op", "key", "data",
     "attempts"}`` where ``data`` is the parsed payload, ready for the application's ``changes`` list."""
-    import json
-
     rows = con.execute(
         f"""
         SELECT change_id, organization_id, entity, op, entity_key, payload, attempts

@@ -229,3 +229,25 @@ def test_a_change_in_doubt_is_retried_unless_replaced(con):
     assert con.execute("SELECT status FROM change_sets WHERE change_id = ?", [add["change_id"]]).fetchall()[0] == ("failed",)
     deliver_all(con, now=at(10))
     assert sync(con, at(11))["membership.remove"] == 1
+
+
+def test_all_organizations_in_one_pass_equals_one_call_each(tmp_path):
+    from scim_pipeline.resources.warehouse import Warehouse
+
+    def run(name, per_org):
+        with Warehouse(tmp_path / name).write() as con:
+            for org in ("org_a", "org_b"):
+                add_group(con, f"g_{org}", "Engineering", org=org)
+                for i in range(3):
+                    add_user(con, f"u_{org}_{i}", org=org, active=i != 2)
+                    add_member(con, f"g_{org}", f"u_{org}_{i}", org=org)
+                derive(con, org)
+            if per_org:
+                for org in ("org_a", "org_b"):
+                    compute_change_sets(con, org, T0)
+            else:
+                assert compute_change_sets(con, None, T0)["user.create"] == 6
+            return con.execute("SELECT change_id, organization_id, op, entity_key, payload::VARCHAR, status "
+                                "FROM change_sets ORDER BY ALL").fetchall()
+
+    assert run("one.duckdb", per_org=False) == run("each.duckdb", per_org=True)
