@@ -242,14 +242,17 @@ memberships AS (
 role_pairs AS (
     SELECT d.organization_id AS d_org, d.user_id AS d_user, d.role_name AS d_role,
            h.organization_id AS h_org, h.user_id AS h_user, h.role_name AS h_role
-    FROM (SELECT *, hash(organization_id, user_id, role_name) AS k FROM desired_roles WHERE {scope}) d
+    -- role_assignments rather than the DISTINCT view: derive_roles writes one row per role, and a duplicate could
+    -- only repeat a grant, which DISTINCT below removes
+    FROM (SELECT organization_id, user_id, role_name, hash(organization_id, user_id, role_name) AS k
+          FROM role_assignments WHERE {scope}) d
     FULL JOIN (SELECT *, hash(organization_id, user_id, role_name) AS k FROM delivered_roles WHERE {scope}) h
       ON d.k = h.k
     WHERE d.k IS NULL OR h.k IS NULL
        OR d.organization_id <> h.organization_id OR d.user_id <> h.user_id OR d.role_name <> h.role_name
 ),
 roles AS (
-    SELECT d_org AS organization_id, 'role' AS entity, 'grant' AS op, d_user AS user_id,
+    SELECT DISTINCT d_org AS organization_id, 'role' AS entity, 'grant' AS op, d_user AS user_id,
            d_user || '/' || d_role AS entity_key,
            json_object('user_id', d_user, 'role_name', d_role) AS payload
     FROM role_pairs WHERE d_user IS NOT NULL
