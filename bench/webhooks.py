@@ -1,0 +1,209 @@
+"""Webhook receiver throughput and latency: the durable inbox against the same server answering without storage.
+
+Starts the real receiver (`scim-pipeline webhooks`: uvicorn, durable SQLite inbox) on 127.0.0.1, drives it with a
+bounded number of signed events at a fixed concurrency, and reports accepted events/s and p50/p99 latency. Then it
+runs the same app and server settings with storage switched off (answering right after verification and parsing),
+the ceiling the inbox is measured against, and prints the ratio. It checks that every accepted event is stored.
+
+    python bench/webhooks.py [--events 20000] [--concurrency 64]
+
+The load generator is a minimal keep-alive HTTP/1.1 client over asyncio streams with the requests built in advance:
+on a small machine it shares the CPUs with the server, and a full-featured client would measure itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from scim_pipeline import services  # noqa: E402
+from scim_pipeline.receiver.app import WEBHOOK_PATH  # noqa: E402
+from scim_pipeline.receiver.inbox import Inbox  # noqa: E402
+from scim_pipeline.receiver.signature import signed_headers  # noqa: E402
+
+TARGET_EVENTS_PER_S = 2000
+TARGET_P99_MS = 50.0
+
+
+def build_requests(secret: str, port: int, count: int, tag: str) -> list[bytes]:
+    """Signed, realistic `user_updated` events as complete HTTP/1.1 requests (~1 KB bodies)."""
+    ts = int(time.time())
+    requests = []
+    for i in range(count):
+        body = json.dumps({
+            "spec_version": "1", "id": f"evt_{tag}_{i}", "type": "organization.directory.user_updated",
+            "occurred_at": "2026-11-28T15:00:00.000Z", "environment_id": "env_bench",
+            "organization_id": f"org_{i % 50}", "object": "DirectoryUser",
+            "data": {
+                "id": f"diruser_{i}", "organization_id": f"org_{i % 50}", "dp_id": f"dir_{i % 50}",
+                "preferred_username": f"user{i}", "email": f"user{i}@example.com", "active": True,
+                "name": f"User {i}", "given_name": "User", "family_name": str(i),
+                "roles": [{"role_name": "member"}], "groups": [{"id": f"dirgroup_{i % 12}", "name": f"Group {i % 12}"}],
+                "raw_attributes": {"emails": [{"value": f"user{i}@example.com", "primary": True}],
+                                   "title": "Engineer", "department": "R&D", "padding": "x" * 400},
+            },
+        }).encode()
+        headers = signed_headers(secret, f"msg_{tag}_{i}", body, ts)
+        head = (
+            f"POST {WEBHOOK_PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            + "\r\n"
+        )
+        requests.append(head.encode() + body)
+    return requests
+
+
+async def _worker(port: int, requests: list[bytes], next_index, latencies: list[float], statuses: dict) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        while (i := next_index()) is not None:
+            started = time.perf_counter()
+            writer.write(requests[i])
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            await reader.readexactly(length)
+            latencies.append(time.perf_counter() - started)
+            statuses[status] = statuses.get(status, 0) + 1
+    finally:
+        writer.close()
+
+
+async def drive(port: int, requests: list[bytes], concurrency: int) -> dict:
+    """Send every request once, ``concurrency`` at a time; stops by itself when the list is exhausted."""
+    position = iter(range(len(requests)))
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    started = time.perf_counter()
+    await asyncio.gather(*(
+        _worker(port, requests, lambda: next(position, None), latencies, statuses) for _ in range(concurrency)
+    ))
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "elapsed": elapsed, "statuses": statuses, "accepted": statuses.get(200, 0),
+        "rate": statuses.get(200, 0) / elapsed,
+        "p50_ms": statistics.median(latencies) * 1000,
+        "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
+    }
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process, all threads (Linux); None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def run_load(port: int, pid: int, secret: str, events: int, concurrency: int, tag: str) -> dict:
+    warmup = build_requests(secret, port, min(1000, events), f"{tag}_warmup")
+    requests = build_requests(secret, port, events, tag)
+    try:
+        import uvloop
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    runner(drive(port, warmup, concurrency))
+    cpu_before = cpu_seconds(pid)
+    result = runner(drive(port, requests, concurrency))
+    cpu_after = cpu_seconds(pid)
+    # Server CPU per event: unlike wall-clock rates, barely moved by other load on a shared machine.
+    result["cpu_us"] = (cpu_after - cpu_before) / events * 1e6 if cpu_before is not None else float("nan")
+    return result
+
+
+def start_ceiling(home: Path, secret: str) -> tuple[subprocess.Popen, int]:
+    """The same app and uvicorn settings as the real command, with storage off (this file's --serve-no-store)."""
+    port = services.free_port()
+    env = {**os.environ, "SCALEKIT_WEBHOOK_SECRET": secret, "SCIM_PIPELINE_HOME": str(home)}
+    log = open(home / "ceiling.log", "ab")
+    process = subprocess.Popen([sys.executable, __file__, "--serve-no-store", "--port", str(port)],
+                               env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    log.close()
+    deadline = time.monotonic() + 30
+    while not services.port_open("127.0.0.1", port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError("the no-storage receiver did not start:\n" + (home / "ceiling.log").read_text())
+        time.sleep(0.05)
+    return process, port
+
+
+def serve_no_store(port: int) -> int:
+    from scim_pipeline.config import settings
+    from scim_pipeline.receiver.app import create_app, listen, serve
+
+    cfg = settings()
+    app = create_app(cfg.home / "unused.sqlite", cfg.webhook_secrets(), store=False)
+    return 0 if serve(app, listen("127.0.0.1", port)) else 1
+
+
+def line(name: str, r: dict) -> str:
+    return (f"  {name:<14} {r['rate']:6.0f} events/s   p50 {r['p50_ms']:5.1f} ms   p99 {r['p99_ms']:5.1f} ms"
+            f"   server CPU {r['cpu_us']:4.0f} us/event   statuses {dict(sorted(r['statuses'].items()))}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--serve-no-store", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_no_store:
+        return serve_no_store(args.port)
+
+    home = Path(tempfile.mkdtemp(prefix="bench-webhooks-"))
+    secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
+    try:
+        print(f"webhook receiver: {args.events} signed events, concurrency {args.concurrency}, "
+              f"{os.cpu_count()} CPUs, client and server on one machine")
+        with services.start("webhooks", [], home, env={"SCALEKIT_WEBHOOK_SECRET": secret}) as svc:
+            durable = run_load(svc.port, svc.process.pid, secret, args.events, args.concurrency, "durable")
+        stored = Inbox(home / "inbox.sqlite").count()
+        expected = durable["accepted"] + min(1000, args.events)  # the warm-up is stored too
+        print(line("durable inbox", durable) + f"   stored {stored}/{expected}")
+
+        process, port = start_ceiling(home, secret)
+        try:
+            ceiling = run_load(port, process.pid, secret, args.events, args.concurrency, "ceiling")
+        finally:
+            process.terminate()
+            process.wait(10)
+        print(line("no storage", ceiling))
+
+        print(f"  durable / no storage: throughput {durable['rate'] / ceiling['rate']:.2f}x, "
+              f"p99 {durable['p99_ms'] / ceiling['p99_ms']:.2f}x, server CPU {durable['cpu_us'] / ceiling['cpu_us']:.2f}x")
+        meets = durable["rate"] >= TARGET_EVENTS_PER_S and durable["p99_ms"] < TARGET_P99_MS
+        print(f"  target (>= {TARGET_EVENTS_PER_S} durable events/s, p99 < {TARGET_P99_MS:.0f} ms): "
+              f"{'met' if meets else 'NOT met'}")
+        # Speed on a shared machine is reported, not enforced; losing an acknowledged event is a failure.
+        if stored != expected or durable["accepted"] != args.events:
+            print("  FAILED: not every event was accepted and stored", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
