@@ -46,7 +46,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
     """The raw body, refused as soon as it is known to exceed ``limit``: never more than that is held."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        if not (declared.isascii() and declared.isdigit()):
             raise _Rejected(400, "malformed content-length")
         if int(declared) > limit:
             raise _Rejected(413, f"body over {limit} bytes")
