@@ -2,7 +2,10 @@
 acknowledged, the change ledger (an outbox) and the users' history. Plain functions over a DuckDB connection; the
 caller owns the transaction (``Warehouse.write()``), so one organization is written all or nothing.
 
-Every function is SQL over whole tables (ARCHITECTURE "Principles"), scoped to one organization, and safe to re-run.
+Every function is SQL over whole tables (ARCHITECTURE "Principles"), scoped to one organization, and safe to re-run;
+``compute_change_sets(con, None, ...)`` diffs every organization in one pass, which is much faster than a call per
+organization when there are many. DuckDB refuses new statements while a result is only partly fetched: fetch yours
+to the end (``fetchall``) before calling these functions on the same connection.
 
 Choices worth knowing:
 
