@@ -191,7 +191,8 @@ def main() -> int:
         print(line("no storage", ceiling))
 
         print(f"  durable / no storage: throughput {durable['rate'] / ceiling['rate']:.2f}x, "
-              f"p99 {durable['p99_ms'] / ceiling['p99_ms']:.2f}x, server CPU {durable['cpu_us'] / ceiling['cpu_us']:.2f}x")
+              f"p99 {durable['p99_ms'] / ceiling['p99_ms']:.2f}x, "
+              f"server CPU {durable['cpu_us'] / ceiling['cpu_us']:.2f}x")
         meets = durable["rate"] >= TARGET_EVENTS_PER_S and durable["p99_ms"] < TARGET_P99_MS
         print(f"  target (>= {TARGET_EVENTS_PER_S} durable events/s, p99 < {TARGET_P99_MS:.0f} ms): "
               f"{'met' if meets else 'NOT met'}")

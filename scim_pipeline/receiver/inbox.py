@@ -148,7 +148,9 @@ class Inbox:
             self._thread = threading.Thread(target=self._run, args=(conn,), name="inbox-writer", daemon=True)
             self._thread.start()
 
-    async def append(self, webhook_id: str, body: str, payload: Mapping[str, Any], received_at: str | None = None) -> Stored:
+    async def append(
+        self, webhook_id: str, body: str, payload: Mapping[str, Any], received_at: str | None = None
+    ) -> Stored:
         """Store one event and return once it is durable. ``body`` is the raw JSON text, ``payload`` its parsed
         object (the indexed columns come from its envelope)."""
         loop = asyncio.get_running_loop()

@@ -49,7 +49,8 @@ def sign(secret: str, webhook_id: str, timestamp: int, body: bytes) -> str:
 def signed_headers(secret: str, webhook_id: str, body: bytes, timestamp: int | None = None) -> dict[str, str]:
     """The three Standard Webhooks headers for ``body``, signed now unless ``timestamp`` is given."""
     ts = int(time.time()) if timestamp is None else int(timestamp)
-    return {"webhook-id": webhook_id, "webhook-timestamp": str(ts), "webhook-signature": sign(secret, webhook_id, ts, body)}
+    signature = sign(secret, webhook_id, ts, body)
+    return {"webhook-id": webhook_id, "webhook-timestamp": str(ts), "webhook-signature": signature}
 
 
 class Verifier:

@@ -163,4 +163,5 @@ def test_only_post_on_the_webhook_path(client):
 
 def test_json_error_bodies(client):
     r = post(client, b"{}", {})
-    assert r.headers["content-type"] == "application/json" and json.loads(r.text) == {"error": "missing webhook headers"}
+    assert r.headers["content-type"] == "application/json"
+    assert json.loads(r.text) == {"error": "missing webhook headers"}
