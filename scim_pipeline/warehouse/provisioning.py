@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import duckdb
 import pandas as pd
@@ -66,13 +66,20 @@ _RANK_SQL = "CASE " + " ".join(
 ) + " ELSE 9 END"
 
 
-def _scope(org_id: str | None, column: str = "organization_id") -> str:
-    """A filter on one organization ($org), or on none when ``org_id`` is None (every organization)."""
-    return f"{column} = $org" if org_id is not None else "true"
+Organizations = str | Sequence[str] | None  # one organization, several, or None for every organization
 
 
-def _params(org_id: str | None, **extra: Any) -> dict[str, Any]:
-    return ({"org": org_id} if org_id is not None else {}) | extra
+def _scope(org_id: Organizations, column: str = "organization_id") -> str:
+    """A filter on the organization(s) in $org, or none when ``org_id`` is None (every organization)."""
+    if org_id is None:
+        return "true"
+    return f"{column} = $org" if isinstance(org_id, str) else f"list_contains($org, {column})"
+
+
+def _params(org_id: Organizations, **extra: Any) -> dict[str, Any]:
+    if org_id is None:
+        return extra
+    return {"org": org_id if isinstance(org_id, str) else list(org_id)} | extra
 
 
 def _count(result: duckdb.DuckDBPyConnection) -> int:
@@ -357,12 +364,12 @@ WHERE (c.entity = 'user' AND c.op IN ('deactivate', 'delete')) OR c.op IN ('remo
 
 def compute_change_sets(
     con: duckdb.DuckDBPyConnection,
-    org_id: str | None,
+    org_id: Organizations,
     now: datetime,
     guard: GuardSettings | RoleMapping | None = None,
 ) -> dict[str, Any]:
-    """Diff the desired state against ``delivered_*`` for one organization (``org_id=None``: all organizations in
-    one pass) and bring the ledger in line: new changes are inserted ``pending`` (or ``held`` by the guard), changes
+    """Diff the desired state against ``delivered_*`` for one organization (a list: those organizations;
+    ``None``: all organizations; either in one pass) and bring the ledger in line: new changes are inserted ``pending`` (or ``held`` by the guard), changes
     no longer in the diff are ``superseded``, superseded ones back in the diff are pending again.
 
     ``guard`` is the default guard setting, or the role mapping (its per-organization overrides apply).

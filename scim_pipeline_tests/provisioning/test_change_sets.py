@@ -242,12 +242,15 @@ def test_all_organizations_in_one_pass_equals_one_call_each(tmp_path):
                     add_user(con, f"u_{org}_{i}", org=org, active=i != 2)
                     add_member(con, f"g_{org}", f"u_{org}_{i}", org=org)
                 derive(con, org)
-            if per_org:
+            if per_org == "each":
                 for org in ("org_a", "org_b"):
                     compute_change_sets(con, org, T0)
             else:
-                assert compute_change_sets(con, None, T0)["user.create"] == 6
+                orgs = None if per_org == "all" else ["org_a", "org_b"]
+                assert compute_change_sets(con, orgs, T0)["user.create"] == 6
             return con.execute("SELECT change_id, organization_id, op, entity_key, payload::VARCHAR, status "
                                 "FROM change_sets ORDER BY ALL").fetchall()
 
-    assert run("one.duckdb", per_org=False) == run("each.duckdb", per_org=True)
+    each = run("each.duckdb", per_org="each")
+    assert run("all.duckdb", per_org="all") == each
+    assert run("listed.duckdb", per_org="listed") == each
