@@ -12,6 +12,7 @@ from scim_pipeline.config import settings
 from scim_pipeline.directory_sync import utcnow
 from scim_pipeline.outbox_index import OutboxIndex
 from scim_pipeline.resources.warehouse import Warehouse, WarehouseBusy
+from scim_pipeline.run_reaper import reap_dead_runs
 
 ORGS_PER_RUN = 50
 QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
@@ -31,13 +32,13 @@ def run_sync(organization_ids: list[str] | None = None, delivery_backoff_s: floa
     organization (or those given), then delivery. Returns a summary; raises SyncFailed when a run fails."""
     import dagster as dg
 
-    from scim_pipeline.dagster_home import ensure_dagster_home
     from scim_pipeline.defs.directory.automation import RANGE_END, RANGE_START
     from scim_pipeline.defs.partitions import organizations_partitions
     from scim_pipeline.definitions import defs
 
-    ensure_dagster_home()
-    instance = dg.DagsterInstance.get()
+    instance = dagster_instance()
+    for run_id in reap_dead_runs(instance):
+        say(f"Run {run_id[:8]} had died half-way; marked failed (its organizations are re-synced now)")
     started = time.monotonic()
 
     say("Listing organizations and directories from Scalekit ...")
@@ -90,6 +91,22 @@ def run_sync(organization_ids: list[str] | None = None, delivery_backoff_s: floa
 
 class SyncFailed(Exception):
     pass
+
+
+_instances: dict = {}
+
+
+def dagster_instance():
+    """The installation's Dagster instance, one per process: resolved definitions keep a reference to the instance
+    they were first loaded with, so a second instance object for the same home would leave them dangling."""
+    import dagster as dg
+
+    from scim_pipeline.dagster_home import ensure_dagster_home
+
+    path = str(ensure_dagster_home())
+    if path not in _instances:
+        _instances[path] = dg.DagsterInstance.get()
+    return _instances[path]
 
 
 def _execute(job, instance, **kwargs):

@@ -16,6 +16,7 @@ from scim_pipeline.defs.webhooks.sensor import webhook_events_sensor
 from scim_pipeline.resources.application import ApplicationResource
 from scim_pipeline.resources.scalekit import ScalekitResource
 from scim_pipeline.resources.warehouse import WarehouseResource
+from scim_pipeline.run_reaper import dead_run_reaper
 
 
 directory_catalog_job = dg.define_asset_job(
@@ -37,7 +38,7 @@ defs = dg.Definitions(
             change_sets],
     asset_checks=CHECKS,
     jobs=[directory_catalog_job, directory_sync_job, deliver_changes],
-    sensors=[discover_organizations, webhook_events_sensor, delivery_sensor],
+    sensors=[discover_organizations, webhook_events_sensor, delivery_sensor, dead_run_reaper],
     schedules=[reconciliation_schedule],
     resources={
         "scalekit": ScalekitResource(),

@@ -85,14 +85,9 @@ def change_sets(context: dg.AssetExecutionContext, warehouse: WarehouseResource)
     orgs = list(context.partition_keys)
     mapping = load_role_mapping(settings().role_mappings_path())
     now = utcnow()
-    totals: dict[str, int] = {}
-    tripped: list[str] = []
     with warehouse.warehouse().write() as con:
-        for org in orgs:
-            counts = compute_change_sets(con, org, now, mapping)
-            tripped += counts.pop("guard_tripped")
-            for key, value in counts.items():
-                totals[key] = totals.get(key, 0) + value
+        totals = compute_change_sets(con, orgs, now, mapping)  # one pass over every organization of the run
+        tripped = totals.pop("guard_tripped")
         status = dict(con.execute(
             f"SELECT status, count(*) FROM change_sets WHERE {IN_ORGS} GROUP BY 1", {"orgs": orgs}).fetchall())
         ready = [r[0] for r in con.execute(

@@ -1,0 +1,104 @@
+"""Sensors and schedules produce the right run requests (real sensor and schedule contexts)."""
+
+import datetime as dt
+
+import dagster as dg
+
+from scim_pipeline.defs.directory.automation import (
+    RANGE_END,
+    RANGE_START,
+    discover_organizations,
+    reconciliation_schedule,
+)
+from scim_pipeline.defs.partitions import organizations_partitions
+from scim_pipeline.defs.provisioning.delivery import delivery_sensor
+from scim_pipeline.defs.webhooks.sensor import webhook_events_sensor
+from scim_pipeline.outbox_index import OutboxIndex
+from scim_pipeline.config import settings
+from scim_pipeline.receiver.inbox import Inbox
+from scim_pipeline.resources.scalekit import ScalekitResource
+from scim_pipeline_tests.emulator_support import emulator_fixture
+
+emulator = emulator_fixture(seed=9, orgs=3, users_per_org=5, groups_per_org=2)
+
+
+def test_discovery_adds_each_new_organization_and_launches_its_first_sync(emulator):
+    instance = dg.DagsterInstance.ephemeral()
+    orgs = sorted(o["id"] for o in emulator.state()["organizations"])
+    with dg.build_sensor_context(instance=instance, resources={"scalekit": ScalekitResource()}) as context:
+        result = discover_organizations(context)
+    first_syncs = sorted(r.partition_key for r in result.run_requests if r.job_name == "directory_sync")
+    assert first_syncs == orgs
+    assert [r.job_name for r in result.run_requests].count("directory_catalog") == 1
+    assert sorted(result.dynamic_partitions_requests[0].partition_keys) == orgs
+
+    instance.add_dynamic_partitions(organizations_partitions.name, orgs)
+    with dg.build_sensor_context(instance=instance, cursor=result.cursor,
+                                 resources={"scalekit": ScalekitResource()}) as context:
+        again = discover_organizations(context)
+    assert again.run_requests == [] and again.dynamic_partitions_requests == []
+
+    # A directory switched off changes the catalogue: refresh it, but no first sync.
+    directory = emulator.state()["organizations"][0]["directories"][0]["id"]
+    emulator.mutate([{"op": "disable_directory", "directory_id": directory}])
+    with dg.build_sensor_context(instance=instance, cursor=again.cursor,
+                                 resources={"scalekit": ScalekitResource()}) as context:
+        changed = discover_organizations(context)
+    assert [r.job_name for r in changed.run_requests] == ["directory_catalog"]
+
+
+def test_discovery_skips_with_the_reason_when_scalekit_is_unreachable(home, monkeypatch):
+    monkeypatch.setenv("SCALEKIT_ENVIRONMENT_URL", "https://localhost:9")
+    monkeypatch.setenv("SCALEKIT_CLIENT_ID", "skc_1")
+    monkeypatch.setenv("SCALEKIT_CLIENT_SECRET", "x")
+    with dg.build_sensor_context(instance=dg.DagsterInstance.ephemeral(),
+                                 resources={"scalekit": ScalekitResource()}) as context:
+        result = discover_organizations(context)
+    assert isinstance(result, dg.SkipReason) and "unreachable" in result.skip_message
+
+
+def test_reconciliation_covers_every_organization_in_batched_single_runs(home, monkeypatch):
+    monkeypatch.setenv("SCIM_PIPELINE_ORGS_PER_RUN", "50")
+    with dg.instance_for_test() as instance:
+        context = dg.build_schedule_context(instance=instance, scheduled_execution_time=dt.datetime(2026, 11, 28, 3))
+        assert isinstance(reconciliation_schedule(context), dg.SkipReason)
+        keys = [f"org_{i:04d}" for i in range(120)]
+        instance.add_dynamic_partitions(organizations_partitions.name, keys)
+        requests = reconciliation_schedule(context)
+    assert [(r.tags[RANGE_START], r.tags[RANGE_END]) for r in requests] == [
+        ("org_0000", "org_0049"), ("org_0050", "org_0099"), ("org_0100", "org_0119")]
+    assert len({r.run_key for r in requests}) == 3
+
+
+def test_webhook_sensor_groups_new_events_by_organization(home):
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(organizations_partitions.name, ["org_a"])
+    with Inbox(settings().inbox_path) as inbox:
+        for i, org in enumerate(["org_a", "org_b", "org_a"]):
+            body = ('{"id": "evt_%d", "type": "organization.directory.user_updated", "organization_id": "%s", '
+                    '"occurred_at": "2026-11-28T00:00:0%dZ", "data": {"id": "diruser_%d"}}') % (i, org, i, i)
+            inbox.put(f"msg_{i}", body)
+    with dg.build_sensor_context(instance=instance) as context:
+        result = webhook_events_sensor(context)
+    by_org = {r.partition_key: r for r in result.run_requests}
+    assert set(by_org) == {"org_a", "org_b"}
+    assert by_org["org_a"].run_config["ops"]["directory_snapshot"]["config"] == {
+        "mode": "events", "after_seq": 0, "up_to_seq": 3}
+    assert by_org["org_b"].run_config in (None, {})  # a new organization gets a full first sync
+    assert result.dynamic_partitions_requests[0].partition_keys == ["org_b"]
+    assert result.cursor == "3"
+    with dg.build_sensor_context(instance=instance, cursor=result.cursor) as context:
+        assert isinstance(webhook_events_sensor(context), dg.SkipReason)
+
+
+def test_delivery_sensor_launches_one_run_for_the_due_organizations(home):
+    instance = dg.DagsterInstance.ephemeral()
+    with dg.build_sensor_context(instance=instance) as context:
+        assert isinstance(delivery_sensor(context), dg.SkipReason)
+    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    index = OutboxIndex(settings().outbox_index_path)
+    index.mark_ready(["org_a", "org_b"], now - dt.timedelta(seconds=1))
+    index.mark_ready(["org_c"], now + dt.timedelta(hours=1))  # a retry whose backoff has not passed
+    with dg.build_sensor_context(instance=instance) as context:
+        request = delivery_sensor(context)
+    assert request.run_config["ops"]["deliver"]["config"]["organizations"] == ["org_a", "org_b"]
