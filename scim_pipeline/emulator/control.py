@@ -68,7 +68,8 @@ def build_app(emulator: "Emulator"):
         }, headers={"cache-control": "no-store"})
 
     async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "port": emulator.port, "uptime_s": round(time.monotonic() - emulator.started, 3)})
+        return JSONResponse({"status": "ok", "port": emulator.port, "grpc_port": emulator.grpc_port,
+                             "uptime_s": round(time.monotonic() - emulator.started, 3)})
 
     def state(request: Request) -> Response:
         org = request.query_params.get("organization_id")

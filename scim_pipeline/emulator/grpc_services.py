@@ -12,6 +12,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
+import threading
 import time
 from concurrent import futures
 from typing import Callable
@@ -26,8 +28,12 @@ from scalekit.v1.organizations import organizations_pb2 as opb
 from scalekit.v1.organizations import organizations_pb2_grpc as ogrpc
 
 from scim_pipeline.emulator import events as ev
+from scim_pipeline.emulator import wire
 from scim_pipeline.emulator.directory import Directory, DirectoryStore, Group, Organization, User
 from scim_pipeline.emulator.gateway import FaultInjector, Tokens
+
+READ_AHEAD_PAGES = 2
+log = logging.getLogger(__name__)
 
 MAX_DIRECTORY_PAGE = 30  # Scalekit's limit for users and groups
 DEFAULT_DIRECTORY_PAGE = 10
@@ -87,8 +93,15 @@ def directory_pb(store: DirectoryStore, d: Directory, endpoint_base: str) -> dpb
     )
 
 
+_USER_DETAIL_TAG = wire.varint(dpb.DirectoryUser.DESCRIPTOR.fields_by_name["user_detail"].number << 3 | 2)
+_USERS_TAG = wire.varint(dpb.ListDirectoryUsersResponse.DESCRIPTOR.fields_by_name["users"].number << 3 | 2)
+
+
 def user_entry(store: DirectoryStore, user: User, detail: bool) -> bytes:
-    """``user`` as one serialized entry of ``ListDirectoryUsersResponse.users`` (cached until the user changes)."""
+    """``user`` as one serialized entry of ``ListDirectoryUsersResponse.users`` (cached until the user changes).
+
+    The SCIM detail is encoded straight to wire format (``wire.struct_bytes``) and appended to the message's bytes:
+    a field appended to a serialized message is a field of that message."""
     cached = user._pb_detail if detail else user._pb
     if cached is not None:
         return cached
@@ -96,10 +109,10 @@ def user_entry(store: DirectoryStore, user: User, detail: bool) -> bytes:
         id=user.id, email=user.email, preferred_username=user.preferred_username, given_name=user.given_name,
         family_name=user.family_name, updated_at=timestamp(user.updated_at), emails=[v for v, _ in user.emails],
         groups=[dpb.DirectoryGroup(id=gid, display_name=store.groups[gid].display_name) for gid in user.groups],
-    )
+    ).SerializeToString()
     if detail:
-        msg.user_detail.update(ev.scim_user(store, user))
-    cached = dpb.ListDirectoryUsersResponse(users=[msg]).SerializeToString()
+        msg += wire.length_delimited(_USER_DETAIL_TAG, ev.scim_user_bytes(store, user))
+    cached = wire.length_delimited(_USERS_TAG, msg)
     if detail:
         user._pb_detail = cached
     else:
@@ -121,6 +134,17 @@ def group_entry(group: Group, detail: bool) -> bytes:
     else:
         group._pb = cached
     return cached
+
+
+def user_page_bytes(store: DirectoryStore, d: Directory, scope: str, after: int, size: int, group_id: str = "",
+                    updated_after: int = 0, detail: bool = False) -> tuple[bytes, int]:
+    """One serialized ``ListDirectoryUsersResponse`` and the next page's cursor (call with the store's lock held)."""
+    users, total, next_cursor = store.user_page(d, after, size, group_id, updated_after)
+    parts = [user_entry(store, u, detail) for u in users]
+    parts.append(dpb.ListDirectoryUsersResponse(
+        total_size=total, next_page_token=encode_token(scope, next_cursor) if next_cursor else "",
+        prev_page_token=encode_token(scope, 0) if after else "").SerializeToString())
+    return b"".join(parts), next_cursor
 
 
 # --- the common edge of every call ------------------------------------------------------------------------------------
@@ -209,6 +233,9 @@ class DirectoryService(dgrpc.DirectoryServiceServicer):
                  toggle: Callable[[str, str, bool], bool] | None = None):
         self.store, self.edge, self.endpoint_base = store, edge, endpoint_base
         self.toggle = toggle  # (organization_id, directory_id, enabled) -> enabled; emits the webhook events
+        self._read_ahead_pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="emulator-read-ahead")
+        self._read_ahead_lock = threading.Lock()
+        self._reading_ahead: set[tuple] = set()
 
     def _directory(self, context, organization_id: str, directory_id: str) -> Directory:
         _check_id(context, organization_id, "org", "organization_id")
@@ -254,13 +281,43 @@ class DirectoryService(dgrpc.DirectoryServiceServicer):
                 after = decode_token(request.page_token, scope)
                 if after is None:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, "invalid page_token")
-            users, total, next_cursor = store.user_page(d, after, size, group_id, updated_after)
-            detail = request.include_detail
-            parts = [user_entry(store, u, detail) for u in users]
-        parts.append(dpb.ListDirectoryUsersResponse(
-            total_size=total, next_page_token=encode_token(scope, next_cursor) if next_cursor else "",
-            prev_page_token=encode_token(scope, 0) if after else "").SerializeToString())
-        return b"".join(parts)
+            page, next_cursor = user_page_bytes(store, d, scope, after, size, group_id, updated_after,
+                                                request.include_detail)
+            ahead = None
+            if next_cursor:
+                # Only wake the read-ahead thread when the next pages hold users never served yet.
+                upcoming, _, _ = store.user_page(d, next_cursor, size * READ_AHEAD_PAGES, group_id, updated_after)
+                attr = "_pb_detail" if request.include_detail else "_pb"
+                if any(getattr(u, attr) is None for u in upcoming[::7] + upcoming[-1:]):
+                    ahead = upcoming
+        if ahead:
+            self._read_ahead(d, group_id, updated_after, ahead, request.include_detail)
+        return page
+
+    def _read_ahead(self, d: Directory, group_id: str, updated_after: int, users: list[User], detail: bool) -> None:
+        """Build the next pages' entries in the background while this page travels and the client parses it: a
+        full listing is sequential, so the cold cost of page k+1 then overlaps with the round trip of page k."""
+        key = (d.id, group_id, updated_after, detail)
+        with self._read_ahead_lock:
+            if key in self._reading_ahead:
+                return
+            self._reading_ahead.add(key)
+        self._read_ahead_pool.submit(self._build_ahead, key, users, detail)
+
+    def _build_ahead(self, key, users: list[User], detail: bool) -> None:
+        store = self.store
+        try:
+            for i, u in enumerate(users):
+                with store.lock:  # a mutation drops a user's cache under this lock: never cache a stale entry
+                    if u.id in store.users:
+                        user_entry(store, u, detail)
+                if i % 4 == 3:
+                    time.sleep(0)  # let the router and the request threads have the GIL
+        except Exception:  # a best-effort optimisation must never take the server down
+            log.exception("read-ahead failed")
+        finally:
+            with self._read_ahead_lock:
+                self._reading_ahead.discard(key)
 
     def ListDirectoryGroups(self, request, context):
         self.edge.admit(context)
@@ -382,14 +439,19 @@ SERVER_OPTIONS = [
 
 def build_server(store: DirectoryStore, edge: Edge, endpoint_base: str,
                  recent_events: Callable[[], list[tuple[int, dict]]],
-                 toggle: Callable[[str, str, bool], bool] | None = None, workers: int = 8) -> tuple[grpc.Server, int]:
-    """A plain-text gRPC server on an ephemeral loopback port (TLS is terminated in front of it) and that port."""
+                 toggle: Callable[[str, str, bool], bool] | None = None, workers: int = 8,
+                 tls_key_and_cert: tuple[bytes, bytes] | None = None) -> tuple[grpc.Server, int]:
+    """The gRPC server on an ephemeral loopback port, and that port. With ``tls_key_and_cert`` it terminates TLS
+    itself (the router pipes the SDK's encrypted bytes to it); without, it speaks plain text (tests, benchmarks)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="emulator-grpc"),
                          options=SERVER_OPTIONS)
     registrar = _Registrar(server)
     ogrpc.add_OrganizationServiceServicer_to_server(OrganizationService(store, edge), registrar)
     dgrpc.add_DirectoryServiceServicer_to_server(DirectoryService(store, edge, endpoint_base, toggle), registrar)
     egrpc.add_EventsServiceServicer_to_server(EventsService(edge, recent_events), registrar)
-    port = server.add_insecure_port("127.0.0.1:0")
+    if tls_key_and_cert is None:
+        port = server.add_insecure_port("127.0.0.1:0")
+    else:
+        port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([tls_key_and_cert]))
     return server, port
 

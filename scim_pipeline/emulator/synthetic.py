@@ -8,6 +8,7 @@ calling Faker per user would take far longer. The same pools feed the churn gene
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 from dataclasses import dataclass
@@ -92,6 +93,7 @@ class UserFactory:
         self.first_slugs = [_slug(n) for n in pools.first_names]
         self.last_slugs = [_slug(n) for n in pools.last_names]
         self.leaders: dict[str, list[User]] = {}  # per directory: its first users, who manage the others
+        self.leader_pos: dict[str, int] = {}
         self.providers: dict[str, str] = {}  # directory id -> provider
 
     def fill(self, user: User, created_at: int, department: str = "") -> None:
@@ -121,26 +123,31 @@ class UserFactory:
         user.updated_at = created_at + int(r() * 60 * _DAY_US)
         leaders = self.leaders.setdefault(user.directory_id, [])
         if len(leaders) < 50:
+            self.leader_pos[user.id] = len(leaders)
             leaders.append(user)
 
     def profile(self, user: User, store: DirectoryStore) -> dict[str, str]:
-        rng = random.Random(user.seq ^ self.salt)
-        r = rng.random
+        # One 128-bit hash of (salt, seq) supplies every choice: seeding a random.Random per user costs more than
+        # the rest of the profile, and this is on the cold path of every listing.
+        h = int.from_bytes(hashlib.blake2b(user.seq.to_bytes(8, "little"), digest_size=16,
+                                           key=self.salt.to_bytes(8, "little")).digest(), "little")
         pools = self.pools
         leaders = self.leaders.get(user.directory_id, [])
-        pos = next((i for i, x in enumerate(leaders) if x is user), len(leaders))
-        manager = leaders[int(r() * pos)] if pos and r() < 0.9 else None
+        pos = self.leader_pos.get(user.id, len(leaders))
+        manager = leaders[h % pos] if pos and (h >> 8) % 10 else None
         manager_profile = store.profile(manager) if manager is not None else None
+        dp = f"{h:032x}"
+        provider = self.providers.get(user.directory_id, "")
         return {
-            "dp_id": _dp_id(rng, self.providers.get(user.directory_id, "")),
-            "title": pools.titles[int(r() * len(pools.titles))],
+            "dp_id": "00u" + dp[:17] if provider == "OKTA" else f"{dp[:8]}-{dp[8:12]}-{dp[12:16]}-{dp[16:20]}-{dp[20:]}",
+            "title": pools.titles[(h >> 16) % len(pools.titles)],
             "employee_number": f"E{user.seq % 10_000_000:07d}",
-            "cost_center": f"CC-{100 + int(r() * 900)}",
-            "division": DIVISIONS[int(r() * len(DIVISIONS))],
+            "cost_center": f"CC-{100 + (h >> 28) % 900}",
+            "division": DIVISIONS[(h >> 40) % len(DIVISIONS)],
             "organization": self.org.display_name,
-            "phone_number": f"+1-{200 + int(r() * 790)}-555-{int(r() * 10000):04d}",
-            "locale": LOCALES[int(r() * len(LOCALES))],
-            "zoneinfo": ZONES[int(r() * len(ZONES))],
+            "phone_number": f"+1-{200 + (h >> 48) % 790}-555-{(h >> 60) % 10000:04d}",
+            "locale": LOCALES[(h >> 76) % len(LOCALES)],
+            "zoneinfo": ZONES[(h >> 84) % len(ZONES)],
             "manager_id": manager_profile["dp_id"] if manager_profile else "",
             "manager_name": manager.display_name if manager is not None else "",
         }
