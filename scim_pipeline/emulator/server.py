@@ -62,6 +62,7 @@ class Emulator:
     def __init__(self, home: Path, seed: int = 7, orgs: int = 5, users_per_org: int = 200, groups_per_org: int = 12,
                  webhook_url: str | None = None, retry_time_scale: float = 1.0, token_ttl: int = 3600):
         self.home = home
+        home.mkdir(parents=True, exist_ok=True)
         self.seed = seed
         self.port = 0
         self.grpc_port = 0  # the internal plain-text gRPC port (loopback), for diagnostics and benchmarks

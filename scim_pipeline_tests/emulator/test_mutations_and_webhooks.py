@@ -184,3 +184,7 @@ def test_directory_can_be_disabled_and_enabled(emulator, receiver, client):
     events = _verified(emulator, receiver.wait_for(2))
     assert [e["type"] for e in events] == ["organization.directory_disabled", "organization.directory_enabled"]
     assert events[0]["object"] == "Directory" and events[0]["data"]["id"] == d["id"]
+    # The same events in Scalekit's event log, through the SDK's EventsClient.
+    logged, _ = client.events.list_events_paginated(page_size=10)
+    assert [e.id for e in logged.events] == [e["id"] for e in events]
+    assert logged.events[0].data["id"] == d["id"]

@@ -47,3 +47,28 @@ def test_port_taken_is_a_clear_error(home):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == [f"scim-pipeline emulator: cannot listen on 127.0.0.1:{port}: address already in use"]
     assert not (home / "emulator.env").exists()
+
+
+def test_port_zero_picks_a_free_port_and_sigterm_exits_zero(home):
+    import os
+    import signal
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "scim_pipeline.cli", "emulator", "--port", "0", "--orgs", "1", "--users-per-org", "2"],
+        env={**os.environ, "SCIM_PIPELINE_HOME": str(home)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (home / "emulator.env").exists() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.05)
+        url = read_dotenv(home / "emulator.env")["SCALEKIT_ENVIRONMENT_URL"]
+        port = int(url.rsplit(":", 1)[1])
+        assert port > 0
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            pass
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
