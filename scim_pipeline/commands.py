@@ -106,7 +106,8 @@ def dagster_instance():
     path = str(ensure_dagster_home())
     if path not in _instances:
         _instances[path] = dg.DagsterInstance.get()
-    return _instances[path]
+    # Entering makes it the instance that definitions are resolved against (a context variable of Dagster's).
+    return _instances[path].__enter__()
 
 
 def _execute(job, instance, **kwargs):

@@ -25,11 +25,13 @@ def _is_lock_error(exc: Exception) -> bool:
     return "lock" in str(exc).lower()
 
 
+_SCHEMA_READY: set[Path] = set()  # files whose schema this process has already brought up to date
+
+
 class Warehouse:
     def __init__(self, path: Path | str, lock_timeout_s: float = 120.0):
-        self.path = Path(path)
+        self.path = Path(path).resolve()
         self.lock_timeout_s = lock_timeout_s
-        self._schema_ready = False
 
     def _connect(self, read_only: bool, timeout_s: float) -> duckdb.DuckDBPyConnection:
         deadline = time.monotonic() + timeout_s
@@ -54,9 +56,9 @@ class Warehouse:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         con = self._connect(read_only=False, timeout_s=self.lock_timeout_s)
         try:
-            if not self._schema_ready:
+            if self.path not in _SCHEMA_READY:
                 create_all(con)
-                self._schema_ready = True
+                _SCHEMA_READY.add(self.path)
             con.execute("BEGIN TRANSACTION")
             try:
                 yield con

@@ -1,0 +1,63 @@
+"""The real-time path with every real part: emulator -> signed webhook -> receiver -> inbox -> webhook sensor (in
+the Dagster daemon) -> incremental run -> change sets -> delivery sensor -> delivery run -> demo application."""
+
+import os
+import time
+
+import pytest
+
+from scim_pipeline.commands import query, run_sync
+from scim_pipeline.convergence import differences
+from scim_pipeline.config import settings
+from scim_pipeline.role_mapping import load_role_mapping
+from scim_pipeline.services import free_port
+from scim_pipeline.stack import Stack
+from scim_pipeline_tests.emulator_support import _seed_tls
+
+
+@pytest.fixture
+def stack(home, monkeypatch):
+    monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
+    saved = dict(os.environ)
+    _seed_tls(home)  # one CA per test process: gRPC caches its roots
+    stack = Stack(home)
+    try:
+        yield stack
+    finally:
+        stack.stop()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"not true within {timeout}s")
+
+
+def test_a_leaver_reaches_the_application_through_the_daemon(stack):
+    port = free_port()
+    stack.start_emulator("--seed", "4", "--orgs", "2", "--users-per-org", "20", "--groups-per-org", "4",
+                         "--retry-time-scale", "60", webhook_port=port)
+    stack.start_receiver(port)
+    stack.start_app()
+    run_sync(say=lambda _: None)
+    stack.start_daemon()
+
+    org = stack.truth()["organizations"][0]
+    leaver = next(u for u in org["users"] if u["active"])
+    started = time.monotonic()
+    stack.mutate([{"op": "deactivate_user", "user_id": leaver["id"]}])
+    wait_for(lambda: any(u["user_id"] == leaver["id"] and not u["active"] for u in stack.app_state()["users"]), 90)
+    latency = time.monotonic() - started
+    print(f"webhook to application: {latency:.1f}s")
+
+    mapping = load_role_mapping(settings().role_mappings_path())
+    wait_for(lambda: not differences(stack.app_state(), stack.truth(), mapping), 30)
+    events = query("SELECT type, outcome FROM webhook_events")
+    assert ("organization.directory.user_updated", "applied") in set(map(tuple, events.values.tolist()))
+    assert stack.app_stats()["max_applications"] == 1
