@@ -32,7 +32,7 @@ from scim_pipeline.emulator import wire
 from scim_pipeline.emulator.directory import Directory, DirectoryStore, Group, Organization, User
 from scim_pipeline.emulator.gateway import FaultInjector, Tokens
 
-READ_AHEAD_PAGES = 2
+READ_AHEAD_PAGES = 10  # how far ahead of a sequential listing the background builder works
 log = logging.getLogger(__name__)
 
 MAX_DIRECTORY_PAGE = 30  # Scalekit's limit for users and groups
@@ -285,10 +285,10 @@ class DirectoryService(dgrpc.DirectoryServiceServicer):
                                                 request.include_detail)
             ahead = None
             if next_cursor:
-                # Only wake the read-ahead thread when the next pages hold users never served yet.
+                # Only wake the read-ahead thread when the window ahead ends with a user never served yet.
                 upcoming, _, _ = store.user_page(d, next_cursor, size * READ_AHEAD_PAGES, group_id, updated_after)
                 attr = "_pb_detail" if request.include_detail else "_pb"
-                if any(getattr(u, attr) is None for u in upcoming[::7] + upcoming[-1:]):
+                if upcoming and getattr(upcoming[-1], attr) is None:
                     ahead = upcoming
         if ahead:
             self._read_ahead(d, group_id, updated_after, ahead, request.include_detail)
@@ -307,7 +307,10 @@ class DirectoryService(dgrpc.DirectoryServiceServicer):
     def _build_ahead(self, key, users: list[User], detail: bool) -> None:
         store = self.store
         try:
+            attr = "_pb_detail" if detail else "_pb"
             for i, u in enumerate(users):
+                if getattr(u, attr) is not None:
+                    continue
                 with store.lock:  # a mutation drops a user's cache under this lock: never cache a stale entry
                     if u.id in store.users:
                         user_entry(store, u, detail)

@@ -124,9 +124,6 @@ class Emulator:
         }
 
     async def serve(self, host: str, port: int, churn_per_min: float = 0.0) -> int:
-        # The router's loop, the gRPC handlers and the read-ahead share the GIL: a waiting thread gets it after
-        # at most this long (default 5 ms, which would add up to 5 ms to each hop of a call).
-        sys.setswitchinterval(0.0005)
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
