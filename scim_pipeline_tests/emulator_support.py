@@ -113,7 +113,7 @@ class RunningEmulator:
                               client_secret if client_secret is not None else self.env["SCALEKIT_CLIENT_SECRET"],
                               **kwargs)
 
-    # --- control API ----------------------------------------------------------------------------------------------------
+    # --- control API ------------------------------------------------------------------------------------------
 
     def control(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """A raw control-API request, e.g. ``control("GET", "/_emulator/healthz")``."""
@@ -155,7 +155,7 @@ class RunningEmulator:
         response.raise_for_status()
         return response.json()["events"]
 
-    # --- lifecycle -------------------------------------------------------------------------------------------------------
+    # --- lifecycle --------------------------------------------------------------------------------------------
 
     def stop(self) -> int | None:
         """SIGTERM and wait; returns the exit code."""

@@ -223,7 +223,8 @@ class DirectoryStore:
         more = start + limit < len(ids)
         return [self.groups[i] for i in chunk], len(ids), (seqs[start + limit - 1] if more else 0)
 
-    def _filtered_users(self, directory: Directory, group_id: str, updated_after_us: int) -> tuple[list[int], list[str]]:
+    def _filtered_users(self, directory: Directory, group_id: str,
+                        updated_after_us: int) -> tuple[list[int], list[str]]:
         # A filtered listing is paged many times over; compute the matching cursor list once per data version.
         key = (directory.id, group_id, updated_after_us)
         cached = self._filter_cache.get(key)

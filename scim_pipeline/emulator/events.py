@@ -93,7 +93,8 @@ def scim_user_bytes(store: DirectoryStore, user: User) -> bytes:
                         c(K["value"], p["manager_id"]) + c(K["displayName"], p["manager_name"]))
     meta = _RESOURCE_USER + s(K["created"], rfc3339(user.created_at)) + s(K["lastModified"], rfc3339(user.updated_at))
     return b"".join((
-        _SCHEMAS_ENTRY, s(K["id"], p["dp_id"]), s(K["externalId"], p["dp_id"]), s(K["userName"], user.preferred_username),
+        _SCHEMAS_ENTRY, s(K["id"], p["dp_id"]), s(K["externalId"], p["dp_id"]),
+        s(K["userName"], user.preferred_username),
         m(K["name"], wire.STRUCT_VALUE, name), s(K["displayName"], display), m(K["emails"], wire.LIST_VALUE, emails),
         m(K["phoneNumbers"], wire.LIST_VALUE, phones), _ACTIVE[user.active], c(K["title"], p["title"]),
         c(K["locale"], p["locale"]), c(K["timezone"], p["zoneinfo"]),
@@ -139,7 +140,8 @@ def user_data(store: DirectoryStore, user: User) -> dict:
         "zoneinfo": p["zoneinfo"],
         "groups": [{"id": gid, "name": store.groups[gid].display_name} for gid in user.groups],
         "roles": [{"role_name": r} for r in store.roles_of(user)],
-        "custom_attributes": {"manager_id": p["manager_id"], "manager_name": p["manager_name"]} if p["manager_id"] else {},
+        "custom_attributes": ({"manager_id": p["manager_id"], "manager_name": p["manager_name"]}
+                              if p["manager_id"] else {}),
         "raw_attributes": scim_user(store, user),
         "updated_at": rfc3339(user.updated_at),
     }

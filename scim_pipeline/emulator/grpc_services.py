@@ -393,7 +393,7 @@ class EventsService(egrpc.EventsServiceServicer):
             prev_page_token=encode_token(scope, max(0, offset - size)) if offset else "")
 
 
-# --- server -------------------------------------------------------------------------------------------------------------
+# --- server ----------------------------------------------------------------------------------------------------
 
 def _serialize_or_pass(serializer):
     def serialize(response):

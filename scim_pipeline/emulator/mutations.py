@@ -219,6 +219,8 @@ class Mutator:
         if "preferred_username" not in attrs and ("email" in attrs or not user.preferred_username):
             user.preferred_username = user.email
         user.groups = [g.id for g in groups]
+        if "department" not in attrs and groups:
+            user.department = groups[0].display_name
         self._save_directory(d)
         for g in groups:
             self._save_group(g)

@@ -24,6 +24,7 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 _MAX_HELLO = 5 + 16384 + 64  # one TLS record, which holds any ClientHello an SDK sends
+HELLO_TIMEOUT_S = 10.0
 
 
 def offered_alpn(buffer: bytes) -> list[str] | None:
@@ -108,6 +109,12 @@ class _ClientSide(_Pipe):
     def connection_made(self, transport):
         self.transport = transport
         self.router.connections.add(self)
+        # A client that never completes its ClientHello must not hold a connection open forever.
+        self.hello_timer = asyncio.get_running_loop().call_later(HELLO_TIMEOUT_S, self._hello_timeout)
+
+    def _hello_timeout(self):
+        if self.peer is None:
+            self.transport.close()
 
     def data_received(self, data):
         if self.peer is not None and self.peer.transport is not None:
@@ -143,11 +150,13 @@ class _ClientSide(_Pipe):
             upstream.transport.close()
             return
         self.peer = upstream
+        self.hello_timer.cancel()
         upstream.transport.write(bytes(self.hello))
         self.hello.clear()
         self.transport.resume_reading()
 
     def connection_lost(self, exc):
+        self.hello_timer.cancel()
         self.router.connections.discard(self)
         super().connection_lost(exc)
 

@@ -139,7 +139,8 @@ class UserFactory:
         dp = f"{h:032x}"
         provider = self.providers.get(user.directory_id, "")
         return {
-            "dp_id": "00u" + dp[:17] if provider == "OKTA" else f"{dp[:8]}-{dp[8:12]}-{dp[12:16]}-{dp[16:20]}-{dp[20:]}",
+            "dp_id": ("00u" + dp[:17] if provider == "OKTA"
+                      else f"{dp[:8]}-{dp[8:12]}-{dp[12:16]}-{dp[16:20]}-{dp[20:]}"),
             "title": pools.titles[(h >> 16) % len(pools.titles)],
             "employee_number": f"E{user.seq % 10_000_000:07d}",
             "cost_center": f"CC-{100 + (h >> 28) % 900}",

@@ -1,6 +1,7 @@
 """The emulator as a process: its emulator.env, a stable webhook secret, a clear error when the port is taken,
 and a clean exit on SIGTERM."""
 
+import os
 import socket
 import subprocess
 import sys
@@ -42,7 +43,7 @@ def test_port_taken_is_a_clear_error(home):
         result = subprocess.run(
             [sys.executable, "-m", "scim_pipeline.cli", "emulator", "--port", str(port), "--orgs", "1",
              "--users-per-org", "2"],
-            capture_output=True, text=True, timeout=60, env={**__import__("os").environ, "SCIM_PIPELINE_HOME": str(home)})
+            capture_output=True, text=True, timeout=60, env={**os.environ, "SCIM_PIPELINE_HOME": str(home)})
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == [f"scim-pipeline emulator: cannot listen on 127.0.0.1:{port}: address already in use"]
@@ -50,7 +51,6 @@ def test_port_taken_is_a_clear_error(home):
 
 
 def test_port_zero_picks_a_free_port_and_sigterm_exits_zero(home):
-    import os
     import signal
     import time
 
