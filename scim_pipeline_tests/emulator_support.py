@@ -15,7 +15,8 @@
 
 The SDK's gRPC channel reads its CA from ``GRPC_DEFAULT_SSL_ROOTS_FILE_PATH`` once per process (grpc caches the
 default roots), so every emulator started here serves the same certificate: its TLS material is copied into each
-home from one set made per test process. ``.client()`` points the two CA variables of ``os.environ`` at it.
+home from one set made per test process (``seed_tls(home)`` does the same for an emulator started another way).
+``.client()`` points the two CA variables of ``os.environ`` at it.
 """
 
 from __future__ import annotations
@@ -49,7 +50,10 @@ def _shared_tls_material() -> tls.TlsFiles:
     return _shared_tls
 
 
-def _seed_tls(home: Path) -> None:
+def seed_tls(home: Path) -> None:
+    """Put this test process's shared emulator certificate into ``home`` (for emulators started by other means,
+    e.g. the demo stack): gRPC reads its CA roots once per process, so every emulator a process talks to must
+    serve the same certificate."""
     shared = _shared_tls_material()
     folder = home / "tls"
     folder.mkdir(parents=True, exist_ok=True)
@@ -69,6 +73,9 @@ def _tls_ready(port: int, ca_file: str) -> bool:
         return False
 
 
+_seed_tls = seed_tls  # the name it had first; kept for callers that use it
+
+
 class RunningEmulator:
     """A ``scim-pipeline emulator`` subprocess with its ``emulator.env`` read, and helpers for its control API."""
 
@@ -76,7 +83,7 @@ class RunningEmulator:
                  webhook_url: str | None = None, retry_time_scale: float = 1.0, token_ttl: int = 3600,
                  churn: float = 0.0, extra_args: list[str] | None = None, timeout: float = 60.0):
         self.home = Path(home)
-        _seed_tls(self.home)
+        seed_tls(self.home)
         args = ["--seed", str(seed), "--orgs", str(orgs), "--users-per-org", str(users_per_org),
                 "--groups-per-org", str(groups_per_org), "--retry-time-scale", str(retry_time_scale),
                 "--token-ttl", str(token_ttl), "--churn", str(churn)]
