@@ -213,7 +213,9 @@ class Mutator:
             user.preferred_username = user.given_name = user.family_name = user.department = ""
             user.emails, user.active = [], True
         user.created_at = user.updated_at = at
-        if not attrs.get("email") and not attrs.get("emails") and not user.emails:
+        if attrs.get("email") or attrs.get("emails"):
+            user.emails = []  # the given addresses replace the generated ones, not join them
+        elif not user.emails:
             raise _Invalid("user.email is required")
         self._set_attributes(user, attrs)
         if "preferred_username" not in attrs and ("email" in attrs or not user.preferred_username):
