@@ -79,6 +79,8 @@ def test_mutations_change_the_truth_and_send_signed_events(emulator, receiver):
     created = events[0]
     assert created["object"] == "DirectoryUser" and created["organization_id"] == org["id"]
     assert created["data"]["email"] == "new.hire@example.com" and created["data"]["active"] is True
+    assert created["data"]["emails"] == ["new.hire@example.com"]
+    assert created["data"]["raw_attributes"]["userName"] == "new.hire@example.com"
     assert created["data"]["groups"] == [{"id": groups[0]["id"], "name": groups[0]["display_name"]}]
     assert created["data"]["directory_id"] == d["id"]
     assert events[2]["data"]["active"] is False and events[2]["data"]["family_name"] == "Married"
