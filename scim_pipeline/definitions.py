@@ -5,12 +5,7 @@ import dagster as dg
 from scim_pipeline.defs.checks import CHECKS
 from scim_pipeline.defs.directory.assets import directory_snapshot, scalekit_catalog
 from scim_pipeline.defs.directory.automation import discover_organizations, reconciliation_schedule
-from scim_pipeline.defs.provisioning.assets import (
-    change_sets,
-    directory_users_history,
-    group_memberships,
-    role_assignments,
-)
+from scim_pipeline.defs.provisioning.assets import provisioning
 from scim_pipeline.defs.provisioning.delivery import deliver_changes, delivery_sensor
 from scim_pipeline.defs.webhooks.sensor import webhook_events_sensor
 from scim_pipeline.resources.application import ApplicationResource
@@ -26,16 +21,15 @@ directory_catalog_job = dg.define_asset_job(
 directory_sync_job = dg.define_asset_job(
     "directory_sync",
     selection=dg.AssetSelection.assets(
-        "directory_users", "directory_groups", group_memberships, role_assignments, directory_users_history,
-        change_sets,
+        "directory_users", "directory_groups", "group_memberships", "role_assignments", "directory_users_history",
+        "change_sets",
     ),
     executor_def=dg.in_process_executor,  # a step subprocess costs more than the work of an incremental run
     description="Sync organizations (full snapshot, or the waiting webhook events) and compute their change sets.",
 )
 
 defs = dg.Definitions(
-    assets=[scalekit_catalog, directory_snapshot, group_memberships, role_assignments, directory_users_history,
-            change_sets],
+    assets=[scalekit_catalog, directory_snapshot, provisioning],
     asset_checks=CHECKS,
     jobs=[directory_catalog_job, directory_sync_job, deliver_changes],
     sensors=[discover_organizations, webhook_events_sensor, delivery_sensor, dead_run_reaper],

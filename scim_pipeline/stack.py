@@ -31,6 +31,7 @@ class Stack:
         self.app: services.Service | None = None
         self.dagster: subprocess.Popen | None = None
         self.emulator_env: dict[str, str] = {}
+        self._http: httpx.Client | None = None
 
     # --- services ---------------------------------------------------------------------------------------------------
 
@@ -107,6 +108,8 @@ class Stack:
     # --- lifecycle ------------------------------------------------------------------------------------------------------
 
     def stop(self) -> None:
+        if self._http is not None:
+            self._http.close()
         if self.dagster is not None and self.dagster.poll() is None:
             try:
                 os.killpg(self.dagster.pid, signal.SIGTERM)  # its code server and run workers too
@@ -133,6 +136,8 @@ class Stack:
 
     def mutate(self, ops: list[dict]) -> dict:
         response = self._emulator_http().post("/_emulator/mutations", json=ops)
+        if response.status_code == 400:
+            raise ValueError(f"the emulator refused the mutations: {response.text[:500]}")
         response.raise_for_status()
         return response.json()
 
@@ -146,8 +151,10 @@ class Stack:
         return httpx.get(f"{self.app.url}/stats", timeout=30).json()
 
     def _emulator_http(self) -> httpx.Client:
-        ctx = ssl.create_default_context(cafile=self.emulator_env["REQUESTS_CA_BUNDLE"])
-        return httpx.Client(base_url=self.emulator_env["SCALEKIT_ENVIRONMENT_URL"], verify=ctx, timeout=30)
+        if self._http is None:
+            ctx = ssl.create_default_context(cafile=self.emulator_env["REQUESTS_CA_BUNDLE"])
+            self._http = httpx.Client(base_url=self.emulator_env["SCALEKIT_ENVIRONMENT_URL"], verify=ctx, timeout=30)
+        return self._http
 
 
 def _bin(name: str) -> str:

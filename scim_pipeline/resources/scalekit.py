@@ -18,27 +18,20 @@ from typing import Any, Callable, Iterator
 
 import dagster as dg
 from google.protobuf import struct_pb2
-from scalekit import ScalekitClient
-from scalekit.common.exceptions import (
-    ScalekitException,
-    ScalekitServerException,
-    ScalekitServiceUnavailableException,
-    ScalekitTooManyRequestsException,
-    ScalekitUnauthorizedException,
-)
-from scalekit.v1.directories.directories_pb2 import (
-    DirectoryProvider,
-    DirectoryType,
-    ListDirectoriesRequest,
-    ListDirectoryGroupsRequest,
-    ListDirectoryUsersRequest,
-)
-from scalekit.v1.organizations.organizations_pb2 import ListOrganizationsRequest
-
 from scim_pipeline.config import ScalekitSettings, settings
 
 PAGE_SIZE = 30  # Scalekit's maximum for users and groups
-RETRYABLE = (ScalekitTooManyRequestsException, ScalekitServiceUnavailableException)
+
+
+def _sdk():
+    """The SDK's modules, imported on first use: it takes a second to import, and every Dagster run process loads
+    this module whether or not the run talks to Scalekit."""
+    import scalekit
+    from scalekit.common import exceptions
+    from scalekit.v1.directories import directories_pb2
+    from scalekit.v1.organizations import organizations_pb2
+
+    return scalekit, exceptions, directories_pb2, organizations_pb2
 
 
 class ScalekitError(Exception):
@@ -90,19 +83,20 @@ class DirectoryAPI:
         self.retries = 0
 
     @property
-    def client(self) -> ScalekitClient:
+    def client(self):
+        scalekit, errors, _, _ = _sdk()
         with self._lock:
             if self._client is None:
                 try:
-                    self._client = ScalekitClient(
+                    self._client = scalekit.ScalekitClient(
                         self.config.environment_url, self.config.client_id, self.config.client_secret
                     )
-                except ScalekitUnauthorizedException as exc:
+                except errors.ScalekitUnauthorizedException as exc:
                     raise ScalekitError(
                         f"Scalekit at {self.config.environment_url} refused the client credentials "
                         "(SCALEKIT_CLIENT_ID / SCALEKIT_CLIENT_SECRET)"
                     ) from exc
-                except ScalekitException as exc:
+                except errors.ScalekitException as exc:
                     raise ScalekitError(
                         f"Scalekit at {self.config.environment_url} is unreachable: {_reason(exc)}"
                     ) from exc
@@ -110,6 +104,8 @@ class DirectoryAPI:
 
     def call(self, method_name: str, service: str, request):
         """One API call through the SDK's execution path, retried with jitter on rate limits and unavailability."""
+        _, errors, _, _ = _sdk()
+        retryable = (errors.ScalekitTooManyRequestsException, errors.ScalekitServiceUnavailableException)
         client = self.client
         stub = client.directory.directory_service if service == "directory" else client.organization.organization_service
         method = getattr(stub, method_name).with_call
@@ -118,23 +114,24 @@ class DirectoryAPI:
             try:
                 response, _call = client.core_client.grpc_exec(method, request, retry_on_unavailable=False)
                 return response
-            except RETRYABLE as exc:
+            except retryable as exc:
                 if attempt == self.backoff.attempts - 1:
                     raise ScalekitError(
                         f"Scalekit kept failing {method_name} after {self.backoff.attempts} attempts: {_reason(exc)}"
                     ) from exc
                 self.retries += 1
                 self.sleep(self.backoff.delay(attempt))
-            except ScalekitServerException as exc:
+            except errors.ScalekitServerException as exc:
                 raise ScalekitError(f"Scalekit refused {method_name}: {_reason(exc)}") from exc
-            except ScalekitException as exc:
+            except errors.ScalekitException as exc:
                 raise ScalekitError(f"Scalekit call {method_name} failed: {_reason(exc)}") from exc
         raise AssertionError("unreachable")
 
     def organizations(self) -> Iterator[dict]:
+        orgs_pb2 = _sdk()[3]
         token = ""
         while True:
-            page = self.call("ListOrganization", "organization", ListOrganizationsRequest(page_size=100, page_token=token))
+            page = self.call("ListOrganization", "organization", orgs_pb2.ListOrganizationsRequest(page_size=100, page_token=token))
             for org in page.organizations:
                 yield {"organization_id": org.id, "display_name": org.display_name, "external_id": org.external_id}
             token = page.next_page_token
@@ -142,14 +139,15 @@ class DirectoryAPI:
                 return
 
     def directories(self, organization_id: str) -> list[dict]:
-        page = self.call("ListDirectories", "directory", ListDirectoriesRequest(organization_id=organization_id))
+        pb2 = _sdk()[2]
+        page = self.call("ListDirectories", "directory", pb2.ListDirectoriesRequest(organization_id=organization_id))
         return [
             {
                 "directory_id": d.id,
                 "organization_id": organization_id,
                 "name": d.name,
-                "provider": _enum_name(DirectoryProvider, d.directory_provider),
-                "directory_type": _enum_name(DirectoryType, d.directory_type),
+                "provider": _enum_name(pb2.DirectoryProvider, d.directory_provider),
+                "directory_type": _enum_name(pb2.DirectoryType, d.directory_type),
                 "enabled": d.enabled,
                 "role_assignments": [
                     {"group_id": a.group_id, "role_name": a.role_name} for a in d.role_assignments.assignments
@@ -162,7 +160,7 @@ class DirectoryAPI:
 
     def user_pages(self, organization_id: str, directory_id: str, updated_after: datetime | None = None) -> Iterator[list[dict]]:
         """Every user of a directory, one page (up to 30) at a time, as warehouse records."""
-        request = ListDirectoryUsersRequest(
+        request = _sdk()[2].ListDirectoryUsersRequest(
             organization_id=organization_id, directory_id=directory_id, page_size=PAGE_SIZE, include_detail=True
         )
         if updated_after is not None:
@@ -175,7 +173,7 @@ class DirectoryAPI:
             request.page_token = page.next_page_token
 
     def group_pages(self, organization_id: str, directory_id: str) -> Iterator[list[dict]]:
-        request = ListDirectoryGroupsRequest(
+        request = _sdk()[2].ListDirectoryGroupsRequest(
             organization_id=organization_id, directory_id=directory_id, page_size=PAGE_SIZE, include_detail=True
         )
         while True:

@@ -41,12 +41,14 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import duckdb
-import pandas as pd
 
 from scim_pipeline.role_mapping import GuardSettings, RoleMapping
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 #: Delivery order within one organization (SPEC "Application delivery protocol").
 DELIVERY_RANK = {
@@ -500,6 +502,8 @@ def record_results(
     delivered state changes only here, from acknowledgements. Rejected: ``failed`` with ``last_error = 'rejected:
     <error>'`` and a backoff, ``dead`` once ``max_attempts`` are used. Answers for already delivered or unknown
     changes are ignored, so recording the same answers twice is harmless. Returns ``{"applied", "rejected"}``."""
+    import pandas as pd  # here, not at import: every run process imports this module
+
     frame = pd.DataFrame(
         [(str(r["change_id"]), r.get("status") == "applied", r.get("error")) for r in results],
         columns=["change_id", "applied", "error"],
