@@ -38,6 +38,7 @@ ASSET_GROUPS = {
 }
 # asset -> upstream assets the lineage graph must draw
 LINEAGE = {
+    "directories": {"organizations"},
     "directory_users": {"directories"},
     "directory_groups": {"directories"},
     "group_memberships": {"directory_users", "directory_groups"},

@@ -23,9 +23,9 @@ from scim_pipeline.warehouse.events import apply_events, event_from_body, parse_
 
 @dg.multi_asset(
     specs=[
-        dg.AssetSpec("organizations", group_name="directory",
+        dg.AssetSpec("organizations", group_name="directory", kinds={"scalekit", "duckdb"},
                      description="Every organization in the Scalekit environment."),
-        dg.AssetSpec("directories", group_name="directory",
+        dg.AssetSpec("directories", group_name="directory", deps=["organizations"], kinds={"scalekit", "duckdb"},
                      description="Each organization's directories: provider, type, enabled, group-to-role assignments."),
     ],
     pool=WAREHOUSE_POOL,
@@ -63,9 +63,9 @@ class DirectorySnapshotConfig(dg.Config):
 
 @dg.multi_asset(
     specs=[
-        dg.AssetSpec("directory_users", group_name="directory", deps=["directories"],
+        dg.AssetSpec("directory_users", group_name="directory", deps=["directories"], kinds={"scalekit", "duckdb"},
                      description="Directory users per organization, with SCIM detail; deleted users kept as tombstones (deleted_at)."),
-        dg.AssetSpec("directory_groups", group_name="directory", deps=["directories"],
+        dg.AssetSpec("directory_groups", group_name="directory", deps=["directories"], kinds={"scalekit", "duckdb"},
                      description="Directory groups per organization; deleted groups kept as tombstones (deleted_at)."),
     ],
     partitions_def=organizations_partitions,

@@ -27,15 +27,18 @@ IN_ORGS = "list_contains($orgs, organization_id)"
 
 @dg.multi_asset(
     specs=[
-        dg.AssetSpec("group_memberships", group_name="provisioning", deps=["directory_users", "directory_groups"],
+        dg.AssetSpec("group_memberships", group_name="provisioning", kinds={"duckdb"},
+                     deps=["directory_users", "directory_groups"],
                      description="Who is in which group: live users in live groups."),
-        dg.AssetSpec("role_assignments", group_name="provisioning", deps=["group_memberships", "directories"],
+        dg.AssetSpec("role_assignments", group_name="provisioning", kinds={"duckdb"},
+                     deps=["group_memberships", "directories"],
                      description="Application roles per user, from role_mappings.yaml and the directory's own "
                      "group-to-role assignments; `source` names the rule or group that granted each."),
-        dg.AssetSpec("directory_users_history", group_name="provisioning", deps=["role_assignments"],
+        dg.AssetSpec("directory_users_history", group_name="provisioning", kinds={"duckdb"},
+                     deps=["role_assignments"],
                      description="Type-2 history of every directory user: a new interval whenever attributes, "
                      "active, deletion or roles change."),
-        dg.AssetSpec("change_sets", group_name="provisioning",
+        dg.AssetSpec("change_sets", group_name="provisioning", kinds={"duckdb"},
                      deps=["role_assignments", "group_memberships", "directory_users"],
                      description="The change ledger (an outbox): what the application must receive to match the "
                      "directory. The delivery sensor sends what is pending; the mass-deprovisioning guard holds "
