@@ -4,7 +4,8 @@ organization into the warehouse in its own transaction. Plain functions; the Dag
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor, as_completed
+import queue
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,6 +16,9 @@ from scim_pipeline.resources.warehouse import Warehouse
 from scim_pipeline.warehouse.directory import SnapshotCounts, Spool, load_snapshot, upsert_directories
 
 log = logging.getLogger(__name__)
+
+LOAD_MEMORY_LIMIT = "128MB"
+LOAD_THREADS = 2
 
 
 def utcnow() -> datetime:
@@ -66,31 +70,70 @@ def sync_organizations(
     report = SyncReport()
     api.client  # authenticate once up front: bad credentials or an unreachable Scalekit fail here, clearly
     total = len(organization_ids)
+    listed: queue.Queue[Future] = queue.Queue()
+
+    def done() -> int:
+        return len(report.synced) + len(report.skipped) + len(report.failed)
+
+    def take(future: Future) -> Spool | None:
+        """The listing's spool, or None once a skipped or failed organization is recorded."""
+        org = futures[future]
+        try:
+            return future.result()
+        except NoDirectory as exc:
+            report.skipped[org] = str(exc)
+            progress(f"[{done()}/{total}] {org}: skipped ({exc})")
+        except ScalekitError as exc:
+            report.failed[org] = str(exc)
+            progress(f"[{done()}/{total}] {org}: FAILED: {exc}")
+        return None
+
+    def load(con, spool: Spool) -> None:
+        try:
+            upsert_directories(con, spool.directories, utcnow())
+            counts = load_snapshot(con, spool, utcnow())
+        finally:
+            spool.remove()
+        report.synced[spool.organization_id] = counts
+        progress(
+            f"[{done()}/{total}] {spool.organization_id}: "
+            f"{counts.users} users (+{counts.users_new} ~{counts.users_changed} -{counts.users_deleted}), "
+            f"{counts.groups} groups"
+        )
+
     with ThreadPoolExecutor(max_workers=max(1, min(workers, total or 1))) as pool:
         futures = {pool.submit(list_organization, api, org, spool_root): org for org in organization_ids}
-        for future in as_completed(futures):
-            org = futures[future]
-            try:
-                spool = future.result()
-            except NoDirectory as exc:
-                report.skipped[org] = str(exc)
-                progress(f"[{len(report.synced) + len(report.skipped) + len(report.failed)}/{total}] {org}: skipped ({exc})")
+        for future in futures:
+            future.add_done_callback(listed.put)
+        remaining = len(futures)
+        while remaining:
+            # Listing goes on in the pool while this thread holds the warehouse. Opening, checkpointing and closing
+            # DuckDB costs more than loading a small organization, so every organization already listed is loaded
+            # through the same connection, one transaction each; the lock is released as soon as none is waiting.
+            spool = take(listed.get())
+            remaining -= 1
+            if spool is None:
                 continue
-            except ScalekitError as exc:
-                report.failed[org] = str(exc)
-                progress(f"[{len(report.synced) + len(report.skipped) + len(report.failed)}/{total}] {org}: FAILED: {exc}")
-                continue
-            try:
-                # Listing goes on in the pool while this thread holds the warehouse for one short transaction.
-                with warehouse.write() as con:
-                    upsert_directories(con, spool.directories, utcnow())
-                    counts = load_snapshot(con, spool, utcnow())
-            finally:
-                spool.remove()
-            report.synced[org] = counts
-            progress(
-                f"[{len(report.synced) + len(report.skipped) + len(report.failed)}/{total}] {org}: "
-                f"{counts.users} users (+{counts.users_new} ~{counts.users_changed} -{counts.users_deleted}), "
-                f"{counts.groups} groups"
-            )
+            with warehouse.write() as con:
+                tune(con)
+                while True:
+                    load(con, spool)
+                    spool = None
+                    while spool is None and remaining:
+                        try:
+                            spool = take(listed.get_nowait())
+                        except queue.Empty:
+                            break
+                        remaining -= 1
+                    if spool is None:
+                        break
+                    con.execute("COMMIT")  # this organization is written; the next one gets its own transaction
+                    con.execute("BEGIN TRANSACTION")
     return report
+
+
+def tune(con) -> None:
+    """Bound DuckDB's memory (it spills to a temporary folder beside the warehouse beyond it) and its threads:
+    the listing threads share the machine, and a directory of any size must load in a flat footprint."""
+    con.execute(f"SET memory_limit = '{LOAD_MEMORY_LIMIT}'")
+    con.execute(f"SET threads = {LOAD_THREADS}")

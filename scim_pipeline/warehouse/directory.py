@@ -98,6 +98,13 @@ def load_snapshot(con: duckdb.DuckDBPyConnection, spool: Spool, synced_at: datet
     # A row is ours to overwrite unless a webhook event newer than the listing already changed it.
     fresh = "(t.event_at IS NULL OR t.event_at < $listed_at)"
 
+    # Comparing every column of the existing rows would scan the whole table (the SCIM detail of every user of
+    # every organization) for each organization. An organization's rows sit together, so first find where the
+    # snapshot's users are (one narrow column), then read the wide columns of that row range only.
+    lo, hi = con.execute(
+        "SELECT coalesce(min(t.rowid), 0), coalesce(max(t.rowid), -1) FROM directory_users t "
+        "SEMI JOIN stage_users s USING (user_id)"
+    ).fetchone()
     users_new, users_changed = con.execute(
         f"""
         SELECT count(*) FILTER (WHERE t.user_id IS NULL),
@@ -106,26 +113,35 @@ def load_snapshot(con: duckdb.DuckDBPyConnection, spool: Spool, synced_at: datet
                    OR t.given_name IS DISTINCT FROM s.given_name OR t.family_name IS DISTINCT FROM s.family_name
                    OR t.preferred_username IS DISTINCT FROM s.preferred_username OR t.active IS DISTINCT FROM s.active
                    OR t.detail::VARCHAR IS DISTINCT FROM s.detail::VARCHAR))
-        FROM stage_users s LEFT JOIN directory_users t USING (user_id)
+        FROM stage_users s
+        LEFT JOIN (SELECT * FROM directory_users WHERE rowid BETWEEN $lo AND $hi) t USING (user_id)
         """,
-        {"listed_at": listed_at},
+        {"listed_at": listed_at, "lo": lo, "hi": hi},
     ).fetchone()
+    # The upsert as an UPDATE of the rows found above, then an INSERT of the rest: DuckDB's INSERT ... ON CONFLICT
+    # keeps the whole batch in memory (a directory of 200,000 users did not fit in 200 MB), these two spill.
     con.execute(
         f"""
-        INSERT INTO directory_users AS t (user_id, organization_id, directory_id, email, given_name, family_name,
+        UPDATE directory_users AS t SET
+            organization_id = s.organization_id, directory_id = s.directory_id, email = s.email,
+            given_name = s.given_name, family_name = s.family_name, preferred_username = s.preferred_username,
+            active = s.active, emails = s.emails, updated_at = s.updated_at, detail = s.detail, deleted_at = NULL,
+            synced_at = $synced_at, event_at = NULL
+        FROM stage_users s
+        WHERE t.user_id = s.user_id AND t.rowid BETWEEN $lo AND $hi AND {fresh}
+        """,
+        {"synced_at": synced_at, "listed_at": listed_at, "lo": lo, "hi": hi},
+    )
+    con.execute(
+        """
+        INSERT INTO directory_users (user_id, organization_id, directory_id, email, given_name, family_name,
             preferred_username, active, emails, updated_at, detail, deleted_at, synced_at, event_at)
         SELECT user_id, organization_id, directory_id, email, given_name, family_name, preferred_username, active,
                emails, updated_at, detail, NULL, $synced_at, NULL
-        FROM stage_users
-        ON CONFLICT (user_id) DO UPDATE SET
-            organization_id = excluded.organization_id, directory_id = excluded.directory_id,
-            email = excluded.email, given_name = excluded.given_name, family_name = excluded.family_name,
-            preferred_username = excluded.preferred_username, active = excluded.active, emails = excluded.emails,
-            updated_at = excluded.updated_at, detail = excluded.detail, deleted_at = NULL,
-            synced_at = excluded.synced_at, event_at = NULL
-        WHERE {fresh}
+        FROM stage_users s
+        WHERE NOT EXISTS (SELECT 1 FROM directory_users t WHERE t.rowid BETWEEN $lo AND $hi AND t.user_id = s.user_id)
         """,
-        {"synced_at": synced_at, "listed_at": listed_at},
+        {"synced_at": synced_at, "lo": lo, "hi": hi},
     )
     # Deletes are learned from the full snapshot: live users of this organization absent from it.
     users_deleted = con.execute(
