@@ -5,7 +5,7 @@ from scim_pipeline.definitions import defs
 
 def test_definitions_load_with_every_job_sensor_and_schedule():
     repo = defs.get_repository_def()
-    assert {j.name for j in repo.get_all_jobs()} >= {"directory_catalog", "directory_sync", "deliver_changes"}
+    assert {j.name for j in repo.get_all_jobs()} >= {"directory_catalog", "directory_sync", "directory_events", "deliver_changes"}
     assert {s.name for s in repo.sensor_defs} == {"discover_organizations", "webhook_events_sensor", "delivery_sensor", "dead_run_reaper"}
     assert {s.name for s in repo.schedule_defs} == {"reconciliation_schedule"}
     graph = defs.resolve_asset_graph()

@@ -54,13 +54,13 @@ CHECKS = {
     "group_memberships": {"memberships_point_at_live_rows"},
     "change_sets": {"held_changes", "dead_changes"},
 }
-SENSORS = {  # sensor -> the job it launches (None: launches nothing)
-    "discover_organizations": "directory_catalog",
-    "webhook_events_sensor": "directory_sync",
-    "delivery_sensor": "deliver_changes",
-    "dead_run_reaper": None,
+SENSORS = {  # sensor -> the jobs it launches
+    "discover_organizations": {"directory_catalog", "directory_sync"},
+    "webhook_events_sensor": {"directory_events", "directory_sync"},
+    "delivery_sensor": {"deliver_changes"},
+    "dead_run_reaper": set(),
 }
-JOBS = {"directory_catalog", "directory_sync", "deliver_changes"}
+JOBS = {"directory_catalog", "directory_sync", "directory_events", "deliver_changes"}
 
 # The variables the suite's `home` fixture clears, plus the schedule's cron override.
 ISOLATED_VARS = (
@@ -294,7 +294,7 @@ def test_sensors_schedule_and_jobs_are_described(repository):
         assert (sensor["description"] or "").strip(), f"sensor {name} has no description"
         assert sensor["defaultStatus"] == "RUNNING", name
         targets = {t["pipelineName"] for t in sensor["targets"] or []}
-        assert targets == ({job} if job else set()), name
+        assert targets == job, name
 
     schedules = {s["name"]: s for s in repository["schedules"]}
     schedule = schedules["reconciliation_schedule"]

@@ -41,10 +41,10 @@ def apply_webhooks(cursor: str | None) -> str | None:
         return cursor
     for request in result.dynamic_partitions_requests:
         instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
-    job = defs.resolve_job_def("directory_sync")
     for request in result.run_requests:
+        job = defs.resolve_job_def(request.job_name)
         outcome = job.execute_in_process(instance=instance, partition_key=request.partition_key,
-                                         run_config=request.run_config, asset_selection=None)
+                                         run_config=request.run_config)
         assert outcome.success
     deliver = defs.resolve_job_def("deliver_changes")
     assert deliver.execute_in_process(instance=instance, run_config={

@@ -8,6 +8,7 @@ import os
 import dagster as dg
 
 from scim_pipeline.config import ConfigError
+from scim_pipeline.defs.jobs import directory_catalog_job, directory_sync_job
 from scim_pipeline.defs.partitions import organizations_partitions
 from scim_pipeline.resources.scalekit import ScalekitError, ScalekitResource
 
@@ -33,7 +34,7 @@ def partition_range_requests(keys: list[str], per_run: int, run_key_prefix: str 
 
 
 @dg.sensor(
-    job_name="directory_catalog",
+    jobs=[directory_catalog_job, directory_sync_job],
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Lists Scalekit's organizations and directories; adds a partition for each new organization with an "
@@ -68,7 +69,7 @@ def discover_organizations(context: dg.SensorEvaluationContext, scalekit: Scalek
 
 
 @dg.schedule(
-    job_name="directory_sync",
+    job=directory_sync_job,
     cron_schedule=os.environ.get(RECONCILE_CRON_VAR, DEFAULT_RECONCILE_CRON),
     default_status=dg.DefaultScheduleStatus.RUNNING,
     description="Full reconciliation: re-reads every organization's directory and repairs whatever webhooks missed. "

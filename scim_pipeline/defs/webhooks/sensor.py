@@ -1,7 +1,7 @@
 """The webhook sensor: turns events waiting in the receiver's inbox into incremental runs, one per organization.
 
 It reads the inbox (SQLite, never DuckDB) past its cursor, adds partitions for organizations it has not seen, and
-asks for a ``directory_sync`` run in ``events`` mode for each organization with new events. The run applies them,
+asks for a ``directory_events`` run (the sync's assets in ``events`` mode) for each organization with new events. The run applies them,
 then re-derives memberships, roles and change sets; the delivery sensor then pushes the changes.
 """
 
@@ -11,6 +11,7 @@ from collections import defaultdict
 import dagster as dg
 
 from scim_pipeline.config import settings
+from scim_pipeline.defs.jobs import directory_events_job, directory_sync_job
 from scim_pipeline.defs.partitions import organizations_partitions
 from scim_pipeline.receiver.inbox import Inbox
 
@@ -22,7 +23,7 @@ def events_run_config(after_seq: int, up_to_seq: int) -> dict:
 
 
 @dg.sensor(
-    job_name="directory_sync",
+    jobs=[directory_events_job, directory_sync_job],
     minimum_interval_seconds=1,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Launches an incremental run for each organization with new webhook events in the inbox.",
@@ -40,18 +41,17 @@ def webhook_events_sensor(context: dg.SensorEvaluationContext):
     known = set(context.instance.get_dynamic_partitions(organizations_partitions.name))
     new = sorted(set(per_org) - known)
     # An organization seen for the first time gets a full sync: its events alone are not its directory.
-    # An incremental run skips the data checks (the full runs and the reconciliation run them): every step costs
-    # Dagster's bookkeeping, and this path is measured in seconds.
     requests = [
         dg.RunRequest(
+            job_name=directory_events_job.name,
             partition_key=org,
             run_key=f"events:{org}:{up_to}",
             run_config=events_run_config(after, up_to),
-            asset_check_keys=[],
             tags={"scim_pipeline/trigger": "webhook", "scim_pipeline/events": str(n)},
         )
         if org not in new else
-        dg.RunRequest(partition_key=org, run_key=f"first-sync:{org}", tags={"scim_pipeline/trigger": "discovery"})
+        dg.RunRequest(job_name=directory_sync_job.name, partition_key=org, run_key=f"first-sync:{org}",
+                      tags={"scim_pipeline/trigger": "discovery"})
         for org, n in sorted(per_org.items())
     ]
     context.log.info(f"{len(events)} events up to seq {up_to} for {len(per_org)} organization(s)")

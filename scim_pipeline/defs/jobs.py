@@ -1,0 +1,29 @@
+"""The jobs: the catalogue, the full sync, the incremental (webhook) sync, and delivery (in delivery.py)."""
+
+import dagster as dg
+
+SYNCED_ASSETS = dg.AssetSelection.assets(
+    "directory_users", "directory_groups", "group_memberships", "role_assignments", "directory_users_history",
+    "change_sets",
+)
+
+directory_catalog_job = dg.define_asset_job(
+    "directory_catalog", selection=["organizations", "directories"], executor_def=dg.in_process_executor,
+    description="List Scalekit's organizations and directories into the warehouse.",
+)
+
+directory_sync_job = dg.define_asset_job(
+    "directory_sync",
+    selection=SYNCED_ASSETS,
+    executor_def=dg.in_process_executor,  # a step subprocess costs more than the work of an incremental run
+    description="Sync organizations (a full snapshot from Scalekit) and compute their change sets; data checks run.",
+)
+
+# The webhook path: the same assets in `events` mode, without the data checks (full runs and the reconciliation
+# run them), because each step costs Dagster bookkeeping and this path is measured in seconds.
+directory_events_job = dg.define_asset_job(
+    "directory_events",
+    selection=SYNCED_ASSETS.without_checks(),
+    executor_def=dg.in_process_executor,
+    description="Apply an organization's waiting webhook events and compute its change sets (webhook sensor).",
+)
