@@ -156,8 +156,8 @@ def pipeline_sync(org_ids: list[str], workers: int, folder: Path):
 
 
 def write_alone(org_ids: list[str], workers: int, folder: Path) -> tuple[float, float, int]:
-    """Spool every organization first, then time loading the spools one transaction each, nothing else running."""
-    from scim_pipeline.directory_sync import list_organization, utcnow
+    """Spool every organization first, then time loading the spools, nothing else running."""
+    from scim_pipeline.directory_sync import list_organization, tune, utcnow
     from scim_pipeline.resources.scalekit import DirectoryAPI
     from scim_pipeline.warehouse.directory import load_snapshot, upsert_directories
 
@@ -168,8 +168,13 @@ def write_alone(org_ids: list[str], workers: int, folder: Path) -> tuple[float, 
         spools = list(pool.map(lambda org: list_organization(api, org, folder / "spool"), org_ids))
     warehouse = timed_warehouse(folder / "warehouse.duckdb")
     clock = Clock()
-    for spool in spools:
-        with warehouse.write() as con:
+    # As sync_organizations loads organizations that are ready: one session, one transaction each.
+    with warehouse.write() as con:
+        tune(con)
+        for i, spool in enumerate(spools):
+            if i:
+                con.execute("COMMIT")
+                con.execute("BEGIN TRANSACTION")
             upsert_directories(con, spool.directories, utcnow())
             load_snapshot(con, spool, utcnow())
     wall, cpu, _ = clock.stop()
@@ -280,7 +285,9 @@ def main() -> int:
                         base.append(clock.stop())
                         counts.add(users)
                     else:
-                        report, warehouse = pipeline_sync(org_ids, args.workers, root / "pipeline")
+                        # A fresh path each round: DuckDB reopening a path deleted in the same process found no tables.
+                        shutil.rmtree(root / f"pipeline-{round_ - 1}", ignore_errors=True)
+                        report, warehouse = pipeline_sync(org_ids, args.workers, root / f"pipeline-{round_}")
                         pipe.append(clock.stop())
                         writes.append((warehouse.seconds, warehouse.transactions))
                         counts.add(report.total("users"))

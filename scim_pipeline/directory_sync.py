@@ -137,3 +137,5 @@ def tune(con) -> None:
     the listing threads share the machine, and a directory of any size must load in a flat footprint."""
     con.execute(f"SET memory_limit = '{LOAD_MEMORY_LIMIT}'")
     con.execute(f"SET threads = {LOAD_THREADS}")
+    # Each checkpoint rewrites the touched tables and their indexes: once when the session closes, not every 16 MB.
+    con.execute("SET checkpoint_threshold = '256MB'")

@@ -20,7 +20,7 @@ import duckdb
 USER_COLUMNS = {
     "user_id": "VARCHAR", "organization_id": "VARCHAR", "directory_id": "VARCHAR", "email": "VARCHAR",
     "given_name": "VARCHAR", "family_name": "VARCHAR", "preferred_username": "VARCHAR", "active": "BOOLEAN",
-    "emails": "JSON", "groups": "JSON", "updated_at": "TIMESTAMP", "detail": "JSON",
+    "emails": "JSON", "groups": "STRUCT(id VARCHAR, name VARCHAR)[]", "updated_at": "TIMESTAMP", "detail": "JSON",
 }
 GROUP_COLUMNS = {
     "group_id": "VARCHAR", "organization_id": "VARCHAR", "directory_id": "VARCHAR", "display_name": "VARCHAR",
@@ -197,9 +197,9 @@ def load_snapshot(con: duckdb.DuckDBPyConnection, spool: Spool, synced_at: datet
     con.execute(
         """
         INSERT OR IGNORE INTO directory_user_groups (organization_id, user_id, group_id)
-        SELECT s.organization_id, s.user_id, g.value ->> 'id'
-        FROM stage_users s, json_each(s.groups) AS g
-        JOIN directory_users t ON t.user_id = s.user_id AND t.synced_at = $synced_at AND t.deleted_at IS NULL
+        SELECT g.organization_id, g.user_id, g.group_id
+        FROM (SELECT organization_id, user_id, unnest(groups).id AS group_id FROM stage_users) g
+        JOIN directory_users t ON t.user_id = g.user_id AND t.synced_at = $synced_at AND t.deleted_at IS NULL
         """,
         {"synced_at": synced_at},
     )
