@@ -7,7 +7,7 @@ from scim_pipeline.defs.directory.assets import directory_snapshot, scalekit_cat
 from scim_pipeline.defs.directory.automation import discover_organizations, reconciliation_schedule
 from scim_pipeline.defs.jobs import directory_catalog_job, directory_events_job, directory_sync_job
 from scim_pipeline.defs.provisioning.assets import provisioning
-from scim_pipeline.defs.provisioning.delivery import deliver_changes, delivery_sensor
+from scim_pipeline.defs.provisioning.delivery import deliver_changes, delivered_state, delivery_sensor
 from scim_pipeline.defs.webhooks.sensor import webhook_events_sensor
 from scim_pipeline.resources.application import ApplicationResource
 from scim_pipeline.resources.scalekit import ScalekitResource
@@ -16,7 +16,7 @@ from scim_pipeline.run_reaper import dead_run_reaper
 
 
 defs = dg.Definitions(
-    assets=[scalekit_catalog, directory_snapshot, provisioning],
+    assets=[scalekit_catalog, directory_snapshot, provisioning, delivered_state],
     asset_checks=CHECKS,
     jobs=[directory_catalog_job, directory_sync_job, directory_events_job, deliver_changes],
     sensors=[discover_organizations, webhook_events_sensor, delivery_sensor, dead_run_reaper],

@@ -49,16 +49,17 @@ class OutboxIndex:
             rows = con.execute("SELECT organization_id FROM ready WHERE ready_at <= ? ORDER BY 1", (now.isoformat(),))
             return [r[0] for r in rows]
 
-    def claim(self, organization_ids: list[str], now: datetime) -> list[str]:
-        """Take the due marks of these organizations (a delivery run starting); returns those that were due."""
+    def claim(self, organization_ids: list[str], now: datetime, due_only: bool = True) -> list[str]:
+        """A delivery starting: take the marks of these organizations that are due (``due_only``) or all their marks
+        (a delivery that sends whatever is ready now; it marks again what it leaves for later). Returns those that
+        were due."""
+        wanted = set(organization_ids)
         with closing(self._connect()) as con:
             con.execute("BEGIN IMMEDIATE")
-            due = [
-                r[0] for r in con.execute("SELECT organization_id FROM ready WHERE ready_at <= ?", (now.isoformat(),))
-                if r[0] in set(organization_ids)
-            ]
-            con.executemany("DELETE FROM ready WHERE organization_id = ? AND ready_at <= ?",
-                            [(org, now.isoformat()) for org in due])
+            marks = dict(con.execute("SELECT organization_id, ready_at FROM ready").fetchall())
+            due = sorted(org for org, at in marks.items() if org in wanted and at <= now.isoformat())
+            taken = due if due_only else sorted(wanted & set(marks))
+            con.executemany("DELETE FROM ready WHERE organization_id = ?", [(org,) for org in taken])
             con.execute("COMMIT")
             return due
 

@@ -35,6 +35,7 @@ ASSET_GROUPS = {
     "role_assignments": "provisioning",
     "directory_users_history": "provisioning",
     "change_sets": "provisioning",
+    "delivered_state": "provisioning",
 }
 # asset -> upstream assets the lineage graph must draw
 LINEAGE = {
@@ -45,6 +46,7 @@ LINEAGE = {
     "role_assignments": {"group_memberships", "directories"},
     "directory_users_history": {"role_assignments"},
     "change_sets": {"role_assignments", "group_memberships", "directory_users"},
+    "delivered_state": {"change_sets"},
 }
 CATALOGUE = {"organizations", "directories"}  # one listing of the whole environment: not partitioned
 PARTITIONED = set(ASSET_GROUPS) - CATALOGUE

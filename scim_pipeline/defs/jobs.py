@@ -19,11 +19,12 @@ directory_sync_job = dg.define_asset_job(
     description="Sync organizations (a full snapshot from Scalekit) and compute their change sets; data checks run.",
 )
 
-# The webhook path: the same assets in `events` mode, without the data checks (full runs and the reconciliation
-# run them), because each step costs Dagster bookkeeping and this path is measured in seconds.
+# The webhook path: the same assets in `events` mode, then delivery of the organization's changes in the same run;
+# no data checks (full runs and the reconciliation run them). Each step and each run start-up costs seconds here.
 directory_events_job = dg.define_asset_job(
     "directory_events",
-    selection=SYNCED_ASSETS.without_checks(),
+    selection=(SYNCED_ASSETS | dg.AssetSelection.assets("delivered_state")).without_checks(),
     executor_def=dg.in_process_executor,
-    description="Apply an organization's waiting webhook events and compute its change sets (webhook sensor).",
+    description="Apply an organization's waiting webhook events, compute its change sets and deliver them "
+    "(webhook sensor).",
 )

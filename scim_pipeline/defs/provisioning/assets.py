@@ -6,6 +6,8 @@ organization always agree with each other, and a run costs one step's bookkeepin
 path counts its seconds).
 """
 
+from datetime import timedelta
+
 import dagster as dg
 
 from scim_pipeline.config import settings
@@ -23,6 +25,7 @@ from scim_pipeline.warehouse.provisioning import (
 )
 
 IN_ORGS = "list_contains($orgs, organization_id)"
+INLINE_DELIVERY_GRACE = timedelta(seconds=60)
 
 
 @dg.multi_asset(
@@ -83,7 +86,9 @@ def provisioning(context: dg.AssetExecutionContext, warehouse: WarehouseResource
             FROM change_sets WHERE {IN_ORGS} AND status NOT IN ('delivered', 'superseded')
             ORDER BY created_at DESC""", params)
 
-    OutboxIndex(settings().outbox_index_path).mark_ready(ready, now)
+    # When this run delivers them itself (the webhook path), the mark is only a safety net for what it cannot send.
+    delivers_inline = dg.AssetKey("delivered_state") in (context.run.asset_selection or set())
+    OutboxIndex(settings().outbox_index_path).mark_ready(ready, now + INLINE_DELIVERY_GRACE if delivers_inline else now)
     if tripped:
         context.log.warning(
             "mass-deprovisioning guard holds changes of " + ", ".join(tripped)

@@ -1,15 +1,18 @@
-"""Delivery runs and the delivery sensor: the ledger is an outbox, and this is its only way out.
+"""Delivery: the ledger is an outbox, and this is its only way out.
 
-The sensor reads the outbox index (SQLite; never DuckDB) for organizations whose changes are ready — change sets
-just computed, failed changes whose backoff has passed, held changes just approved — and launches one small
-in-process run that delivers them all. An application that is down fails nothing upstream: its changes wait.
+The delivery sensor reads the outbox index (SQLite; never DuckDB) for organizations whose changes are ready —
+change sets just computed by a full sync, failed changes whose backoff has passed, held changes just approved — and
+launches one small in-process run that delivers them all. The webhook path delivers its organization's changes as
+the last step of its own run (the ``delivered_state`` asset), sparing a leaver a second sensor hop and run start-up;
+the outbox index keeps a later mark for it, so whatever that step could not send goes out through the sensor.
+An application that is down fails nothing upstream: its changes wait in the ledger.
 """
-
 
 import dagster as dg
 
-from scim_pipeline.config import settings
 from scim_pipeline import delivery
+from scim_pipeline.config import settings
+from scim_pipeline.defs.partitions import organizations_partitions
 from scim_pipeline.directory_sync import utcnow
 from scim_pipeline.outbox_index import OutboxIndex
 from scim_pipeline.resources.application import ApplicationResource
@@ -17,33 +20,61 @@ from scim_pipeline.resources.warehouse import WarehouseResource
 
 
 class DeliveryConfig(dg.Config):
-    organizations: list[str] = []  # empty: every organization whose changes are due
+    organizations: list[str] = []  # delivery job: empty means every organization whose changes are due
     max_attempts: int = 8
     backoff_s: float = 30.0
     batch_size: int = 500
 
 
+def _deliver(context, config: DeliveryConfig, orgs: list[str], warehouse: WarehouseResource,
+             application: ApplicationResource) -> dict:
+    """Deliver these organizations' ready changes; returns the materialization metadata of ``delivered_state``."""
+    outbox = OutboxIndex(settings().outbox_index_path)
+    policy = delivery.DeliveryPolicy(config.max_attempts, config.backoff_s, batch_size=config.batch_size)
+    with application.client() as client:
+        report = delivery.deliver(warehouse.warehouse(), client, orgs, outbox, policy, progress=context.log.info)
+    if report.dead:
+        context.log.error(f"{report.dead} change(s) are dead: see `scim-pipeline changes --status dead`")
+    return {
+        "delivered": report.applied, "rejected": report.rejected, "failed": report.failed, "dead": report.dead,
+        "held_back_disabled_directory": report.held_back,
+        **{f"delivered/{k}": v for k, v in sorted(report.sent.items())},
+        "errors": dg.MetadataValue.json(report.errors),
+    }
+
+
+# No warehouse pool: delivery talks to the application for seconds (minutes when it is down and retried), and its
+# writes are short transactions that wait for the file's lock, so syncs are never held up behind an application.
+@dg.asset(
+    deps=["change_sets"],
+    partitions_def=organizations_partitions,
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    group_name="provisioning",
+    kinds={"duckdb"},
+    description="What the application has acknowledged (delivered_users, delivered_memberships, delivered_roles): "
+    "advanced by sending the ledger's ready changes and recording each answer.",
+)
+def delivered_state(context: dg.AssetExecutionContext, config: DeliveryConfig, warehouse: WarehouseResource,
+                    application: ApplicationResource) -> dg.MaterializeResult:
+    orgs = list(context.partition_keys)
+    OutboxIndex(settings().outbox_index_path).claim(orgs, utcnow(), due_only=False)
+    return dg.MaterializeResult(metadata=_deliver(context, config, orgs, warehouse, application))
+
+
 @dg.op(description="Send the ready changes of these organizations to the application and record each answer.",
        tags={"kind": "delivery"})
 def deliver(context: dg.OpExecutionContext, config: DeliveryConfig, warehouse: WarehouseResource,
-                    application: ApplicationResource) -> None:
+            application: ApplicationResource) -> None:
     outbox = OutboxIndex(settings().outbox_index_path)
     now = utcnow()
     orgs = outbox.claim(config.organizations or outbox.due(now), now)
     if not orgs:
         context.log.info("nothing is due")
         return
-    policy = delivery.DeliveryPolicy(config.max_attempts, config.backoff_s, batch_size=config.batch_size)
-    with application.client() as client:
-        report = delivery.deliver(warehouse.warehouse(), client, orgs, outbox, policy, progress=context.log.info)
-    context.log_event(dg.AssetObservation(asset_key="change_sets", metadata={
-        "delivered": report.applied, "rejected": report.rejected, "failed": report.failed, "dead": report.dead,
-        "held_back_disabled_directory": report.held_back,
-        **{f"delivered/{k}": v for k, v in sorted(report.sent.items())},
-        "errors": dg.MetadataValue.json(report.errors),
-    }))
-    if report.dead:
-        context.log.error(f"{report.dead} change(s) are dead: see `scim-pipeline changes --status dead`")
+    metadata = _deliver(context, config, orgs, warehouse, application)
+    for org in orgs:  # the same asset the webhook path materializes, so the UI shows one history of deliveries
+        context.log_event(dg.AssetMaterialization(asset_key="delivered_state", partition=org,
+                                                  metadata=metadata if len(orgs) == 1 else {"run_total": metadata["delivered"]}))
 
 
 @dg.job(executor_def=dg.in_process_executor, tags={"scim_pipeline/kind": "delivery"},
