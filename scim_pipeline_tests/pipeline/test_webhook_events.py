@@ -117,3 +117,28 @@ def test_a_late_update_never_brings_back_a_deleted_user(world):
         assert leaver["id"] not in {u["user_id"] for u in world.app_state()["users"]}
     finally:
         receiver.stop()
+
+
+def test_a_disabled_directory_stops_delivery_until_it_is_enabled_again(world):
+    receiver = start_receiver(world)
+    try:
+        run_sync(say=lambda _: None)
+        org = world.emulator.state()["organizations"][0]
+        directory = org["directories"][0]["id"]
+        leaver = next(u for u in org["users"] if u["active"] and u["directory_id"] == directory)
+        results = world.emulator.mutate([
+            {"op": "disable_directory", "directory_id": directory},
+            {"op": "deactivate_user", "user_id": leaver["id"]},
+        ])
+        wait_for_inbox({e for r in results for e in r["event_ids"]})
+        cursor = apply_webhooks(None)
+        pending = query(f"SELECT status FROM change_sets WHERE entity_key = '{leaver['id']}' AND op = 'deactivate'")
+        assert list(pending.status) == ["pending"]
+        assert next(u for u in world.app_state()["users"] if u["user_id"] == leaver["id"])["active"]
+
+        results = world.emulator.mutate([{"op": "enable_directory", "directory_id": directory}])
+        wait_for_inbox({e for r in results for e in r["event_ids"]})
+        apply_webhooks(cursor)
+        assert not next(u for u in world.app_state()["users"] if u["user_id"] == leaver["id"])["active"]
+    finally:
+        receiver.stop()
