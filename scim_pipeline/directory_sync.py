@@ -94,12 +94,28 @@ def sync_organizations(
             counts = load_snapshot(con, spool, utcnow())
         finally:
             spool.remove()
+        # Committed before it is reported: an organization reported done survives the process being killed.
+        con.execute("COMMIT")
+        con.execute("BEGIN TRANSACTION")  # the next organization's, or an empty one that the warehouse commits
         report.synced[spool.organization_id] = counts
         progress(
             f"[{done()}/{total}] {spool.organization_id}: "
             f"{counts.users} users (+{counts.users_new} ~{counts.users_changed} -{counts.users_deleted}), "
             f"{counts.groups} groups"
         )
+
+    def next_ready() -> Spool | None:
+        """An organization already listed, without waiting for one."""
+        nonlocal remaining
+        while remaining:
+            try:
+                future = listed.get_nowait()
+            except queue.Empty:
+                return None
+            remaining -= 1
+            if (spool := take(future)) is not None:
+                return spool
+        return None
 
     with ThreadPoolExecutor(max_workers=max(1, min(workers, total or 1))) as pool:
         futures = {pool.submit(list_organization, api, org, spool_root): org for org in organization_ids}
@@ -116,19 +132,9 @@ def sync_organizations(
                 continue
             with warehouse.write() as con:
                 tune(con)
-                while True:
+                while spool is not None:
                     load(con, spool)
-                    spool = None
-                    while spool is None and remaining:
-                        try:
-                            spool = take(listed.get_nowait())
-                        except queue.Empty:
-                            break
-                        remaining -= 1
-                    if spool is None:
-                        break
-                    con.execute("COMMIT")  # this organization is written; the next one gets its own transaction
-                    con.execute("BEGIN TRANSACTION")
+                    spool = next_ready()
     return report
 
 
