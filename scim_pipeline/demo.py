@@ -27,7 +27,7 @@ from scim_pipeline.stack import Stack
 DEMO_EMULATOR = ["--seed", "7", "--orgs", "5", "--users-per-org", "200", "--groups-per-org", "12",
                  "--retry-time-scale", "60"]
 BURST_SIZE = 40
-PROBES = 8
+PROBES = 6
 
 
 def say(message: str = "") -> None:
@@ -91,16 +91,16 @@ def burst(truth: dict, rng: random.Random, size: int) -> list[dict]:
     return ops
 
 
-def _probe(stack: Stack, user: dict, timeout: float = 60.0) -> float | None:
+def _probe(stack: Stack, org: str, user: dict, timeout: float = 60.0) -> float | None:
     """Deactivate or reactivate one user and time it until the application shows it."""
     want_active = not user["active"]
     started = time.monotonic()
     stack.mutate([{"op": "reactivate_user" if want_active else "deactivate_user", "user_id": user["id"]}])
     while time.monotonic() - started < timeout:
-        for u in stack.app_state()["users"]:
+        for u in stack.app_state(org)["users"]:
             if u["user_id"] == user["id"] and u["active"] == want_active:
                 return time.monotonic() - started
-        time.sleep(0.1)
+        time.sleep(0.25)  # the probe must not load the machine it measures
     return None
 
 
@@ -123,7 +123,7 @@ def _settle(stack: Stack, timeout: float) -> bool:
             quiet_since = None
         elif quiet_since is None:
             quiet_since = time.monotonic()
-        elif time.monotonic() - quiet_since > 7:  # longer than one sensor loop: nothing new was picked up
+        elif time.monotonic() - quiet_since > 6:  # longer than one sensor loop: nothing new was picked up
             return True
         time.sleep(0.5)
     return False
@@ -164,10 +164,10 @@ def run_demo() -> bool:
 
         say(f"\n4. Latency probes: {PROBES} leavers and returners, webhook to application")
         truth = stack.truth()
-        candidates = [u for o in truth["organizations"] for u in o["users"]]
+        candidates = [(o["id"], u) for o in truth["organizations"] for u in o["users"]]
         latencies = []
-        for user in rng.sample(candidates, PROBES):
-            latency = _probe(stack, user)
+        for org, user in rng.sample(candidates, PROBES):
+            latency = _probe(stack, org, user)
             say(f"   {user['email']}: " + (f"{latency:.1f}s" if latency is not None else "not seen within 60s"))
             if latency is not None:
                 latencies.append(latency)

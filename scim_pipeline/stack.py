@@ -144,8 +144,9 @@ class Stack:
     def faults(self, **settings) -> None:
         self._emulator_http().post("/_emulator/faults", json=settings).raise_for_status()
 
-    def app_state(self) -> dict:
-        return httpx.get(f"{self.app.url}/state", timeout=30).json()
+    def app_state(self, organization_id: str | None = None) -> dict:
+        params = {"organization_id": organization_id} if organization_id else None
+        return httpx.get(f"{self.app.url}/state", params=params, timeout=30).json()
 
     def app_stats(self) -> dict:
         return httpx.get(f"{self.app.url}/stats", timeout=30).json()

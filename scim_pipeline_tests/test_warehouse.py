@@ -61,3 +61,12 @@ def test_writer_waits_for_a_lock_held_by_another_process(tmp_path):
                 pass
         finally:
             holder.wait()
+
+
+def test_a_deleted_warehouse_file_gets_its_schema_again(tmp_path):
+    path = tmp_path / "w.duckdb"
+    with Warehouse(path).write() as con:
+        con.execute("INSERT INTO organizations VALUES ('org_1', 'One', 'ext', now())")
+    path.unlink()
+    with Warehouse(path).write() as con:  # same process: the schema cache must not hide the new file
+        assert con.execute("SELECT count(*) FROM organizations").fetchone() == (0,)

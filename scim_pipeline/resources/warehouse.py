@@ -54,6 +54,8 @@ class Warehouse:
     def write(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A writing connection inside one transaction: committed on success, rolled back on error, always closed."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():  # a new (or deleted and re-created) file needs its schema again
+            _SCHEMA_READY.discard(self.path)
         con = self._connect(read_only=False, timeout_s=self.lock_timeout_s)
         try:
             if self.path not in _SCHEMA_READY:
