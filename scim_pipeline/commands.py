@@ -32,7 +32,7 @@ def run_sync(organization_ids: list[str] | None = None, delivery_backoff_s: floa
     organization (or those given), then delivery. Returns a summary; raises SyncFailed when a run fails."""
     import dagster as dg
 
-    from scim_pipeline.defs.directory.automation import RANGE_END, RANGE_START
+    from scim_pipeline.defs.directory.automation import partition_ranges, range_tags
     from scim_pipeline.defs.partitions import organizations_partitions
     from scim_pipeline.definitions import defs
 
@@ -61,22 +61,9 @@ def run_sync(organization_ids: list[str] | None = None, delivery_backoff_s: floa
     say(f"Syncing {len(targets)} organization(s) ...")
 
     sync_job = defs.resolve_job_def("directory_sync")
-    if organization_ids:  # explicit organizations need not be contiguous partitions: one run each
-        for org in targets:
-            _execute(sync_job, instance, partition_key=org, run_config=QUIET_LOGS)
-    else:
-        keys = [k for k in instance.get_dynamic_partitions(organizations_partitions.name) if k in set(targets)]
-        all_keys = list(instance.get_dynamic_partitions(organizations_partitions.name))
-        # Partition ranges follow the partitions' order; run contiguous chunks of the wanted keys.
-        chunk: list[str] = []
-        for key in all_keys + [None]:
-            if key in set(keys) and len(chunk) < ORGS_PER_RUN:
-                chunk.append(key)
-                continue
-            if chunk:
-                _execute(sync_job, instance, run_config=QUIET_LOGS,
-                         tags={RANGE_START: chunk[0], RANGE_END: chunk[-1]})
-            chunk = [key] if key in set(keys) else []
+    keys = list(instance.get_dynamic_partitions(organizations_partitions.name))
+    for first, last in partition_ranges(keys, set(targets), ORGS_PER_RUN):
+        _execute(sync_job, instance, run_config=QUIET_LOGS, tags=range_tags(first, last))
 
     say("Delivering change sets to the application ...")
     config = {"organizations": targets}

@@ -57,7 +57,7 @@ class ChangeResult:
 # SPEC order within one organization: creates and reactivations; then updates, memberships added, roles granted;
 # then memberships removed, roles revoked; then deactivations and deletes. Within a tier the finer rank below puts a
 # user's attributes before the memberships and roles that name it.
-_RANK = {
+DELIVERY_RANK = {
     ("user", "create"): 0,
     ("user", "reactivate"): 0,
     ("user", "update"): 1,
@@ -73,7 +73,7 @@ _UNKNOWN_RANK = 8  # sent last; the application rejects them on their own
 
 def order_changes(changes: Iterable[dict]) -> list[dict]:
     """One organization's changes in delivery order; a stable sort, so the caller's order holds within a rank."""
-    return sorted(changes, key=lambda c: _RANK.get((c.get("entity"), c.get("op")), _UNKNOWN_RANK))
+    return sorted(changes, key=lambda c: DELIVERY_RANK.get((c.get("entity"), c.get("op")), _UNKNOWN_RANK))
 
 
 def batches(changes: Iterable[dict], size: int = 500) -> list[list[dict]]:

@@ -183,28 +183,32 @@ class DirectoryAPI:
             for d in page.directories
         ]
 
-    def user_pages(self, organization_id: str, directory_id: str, updated_after: datetime | None = None) -> Iterator[list[dict]]:
+    def user_pages(self, organization_id: str, directory_id: str,
+                   updated_after: datetime | None = None) -> Iterator[list[dict]]:
         """Every user of a directory, one page (up to 30) at a time, as warehouse records."""
         request = _sdk()[2].ListDirectoryUsersRequest(
             organization_id=organization_id, directory_id=directory_id, page_size=PAGE_SIZE, include_detail=True
         )
         if updated_after is not None:
             request.updated_after.FromDatetime(updated_after.replace(tzinfo=timezone.utc))
-        while True:
-            page = self.call("ListDirectoryUsers", "directory", request)
-            yield [user_record(organization_id, directory_id, u) for u in page.users]
-            if not page.next_page_token or not page.users:
-                return
-            request.page_token = page.next_page_token
+        for users in self._pages("ListDirectoryUsers", request, "users"):
+            yield [user_record(organization_id, directory_id, u) for u in users]
 
     def group_pages(self, organization_id: str, directory_id: str) -> Iterator[list[dict]]:
+        """Every group of a directory, one page at a time, as warehouse records."""
         request = _sdk()[2].ListDirectoryGroupsRequest(
             organization_id=organization_id, directory_id=directory_id, page_size=PAGE_SIZE, include_detail=True
         )
+        for groups in self._pages("ListDirectoryGroups", request, "groups"):
+            yield [group_record(organization_id, directory_id, g) for g in groups]
+
+    def _pages(self, method_name: str, request, field: str) -> Iterator:
+        """The items of each page of a directory listing, following its opaque page tokens."""
         while True:
-            page = self.call("ListDirectoryGroups", "directory", request)
-            yield [group_record(organization_id, directory_id, g) for g in page.groups]
-            if not page.next_page_token or not page.groups:
+            page = self.call(method_name, "directory", request)
+            items = getattr(page, field)
+            yield items
+            if not page.next_page_token or not items:
                 return
             request.page_token = page.next_page_token
 

@@ -45,24 +45,13 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import duckdb
 
+from scim_pipeline.resources.application import DELIVERY_RANK
 from scim_pipeline.role_mapping import GuardSettings, RoleMapping
 
 if TYPE_CHECKING:
     import pandas as pd
 
-#: Delivery order within one organization (SPEC "Application delivery protocol").
-DELIVERY_RANK = {
-    ("user", "create"): 0,
-    ("user", "reactivate"): 0,
-    ("user", "update"): 1,
-    ("membership", "add"): 2,
-    ("role", "grant"): 2,
-    ("membership", "remove"): 3,
-    ("role", "revoke"): 3,
-    ("user", "deactivate"): 4,
-    ("user", "delete"): 4,
-}
-
+# Delivery order within one organization: the protocol's (SPEC "Application delivery protocol"), defined once.
 _RANK_SQL = "CASE " + " ".join(
     f"WHEN entity = '{e}' AND op = '{o}' THEN {r}" for (e, o), r in DELIVERY_RANK.items()
 ) + " ELSE 9 END"

@@ -8,6 +8,7 @@ from scim_pipeline.defs.directory.automation import (
     RANGE_END,
     RANGE_START,
     discover_organizations,
+    partition_ranges,
     reconciliation_schedule,
 )
 from scim_pipeline.defs.partitions import organizations_partitions
@@ -102,3 +103,11 @@ def test_delivery_sensor_launches_one_run_for_the_due_organizations(home):
     with dg.build_sensor_context(instance=instance) as context:
         request = delivery_sensor(context)
     assert request.run_config["ops"]["deliver"]["config"]["organizations"] == ["org_a", "org_b"]
+
+
+def test_partition_ranges_cover_the_wanted_keys_in_contiguous_runs_of_bounded_size():
+    keys = ["a", "b", "c", "d", "e", "f", "g"]
+    assert partition_ranges(keys, None, 3) == [("a", "c"), ("d", "f"), ("g", "g")]
+    assert partition_ranges(keys, {"a", "b", "d", "e", "f", "g"}, 2) == [("a", "b"), ("d", "e"), ("f", "g")]
+    assert partition_ranges(keys, {"c"}, 50) == [("c", "c")]
+    assert partition_ranges(keys, set(), 50) == []

@@ -21,16 +21,25 @@ RANGE_START = "dagster/asset_partition_range_start"
 RANGE_END = "dagster/asset_partition_range_end"
 
 
-def partition_range_requests(keys: list[str], per_run: int, run_key_prefix: str | None, tags: dict) -> list[dg.RunRequest]:
-    """Consecutive chunks of partition keys, each one run (the assets' single-run backfill policy)."""
-    requests = []
-    for i in range(0, len(keys), per_run):
-        chunk = keys[i : i + per_run]
-        requests.append(dg.RunRequest(
-            run_key=f"{run_key_prefix}:{chunk[0]}..{chunk[-1]}" if run_key_prefix else None,
-            tags={**tags, RANGE_START: chunk[0], RANGE_END: chunk[-1]},
-        ))
-    return requests
+def partition_ranges(keys: list[str], wanted: set[str] | None, per_run: int) -> list[tuple[str, str]]:
+    """(first, last) of consecutive runs of the wanted partition keys, at most ``per_run`` each: what one run covers
+    under the assets' single-run backfill policy (a range follows the partitions' order, so it cannot skip one)."""
+    ranges, chunk = [], []
+    for key in keys:
+        if wanted is None or key in wanted:
+            chunk.append(key)
+            if len(chunk) < per_run:
+                continue
+        if chunk:
+            ranges.append((chunk[0], chunk[-1]))
+        chunk = []
+    if chunk:
+        ranges.append((chunk[0], chunk[-1]))
+    return ranges
+
+
+def range_tags(first: str, last: str) -> dict[str, str]:
+    return {RANGE_START: first, RANGE_END: last}
 
 
 @dg.sensor(
@@ -81,4 +90,8 @@ def reconciliation_schedule(context: dg.ScheduleEvaluationContext):
         return dg.SkipReason("no organizations yet: the discovery sensor adds them")
     per_run = int(os.environ.get(RUN_BATCH_VAR, DEFAULT_ORGS_PER_RUN))
     stamp = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else "now"
-    return partition_range_requests(keys, per_run, f"reconcile:{stamp}", {"scim_pipeline/trigger": "reconciliation"})
+    return [
+        dg.RunRequest(run_key=f"reconcile:{stamp}:{first}..{last}",
+                      tags={**range_tags(first, last), "scim_pipeline/trigger": "reconciliation"})
+        for first, last in partition_ranges(keys, None, per_run)
+    ]
