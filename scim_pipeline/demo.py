@@ -206,13 +206,13 @@ def run_demo() -> bool:
 
 
 def demo_from_cli(args) -> int:
-    _exit_on_sigterm()
+    _stop_on_signals()
     return 0 if run_demo() else 1
 
 
 def dev_from_cli(args) -> int:
     """Embedded services (unless configured otherwise), churn, and ``dagster dev``; Ctrl-C stops everything."""
-    _exit_on_sigterm()
+    _stop_on_signals()
     home = config.home()
     real_scalekit = bool(os.environ.get("SCALEKIT_ENVIRONMENT_URL"))
     real_app = bool(os.environ.get("SCIM_PIPELINE_APP_URL"))
@@ -237,9 +237,11 @@ def dev_from_cli(args) -> int:
     return 0
 
 
-def _exit_on_sigterm() -> None:
-    """SIGTERM unwinds like Ctrl-C, so every process this command started is stopped."""
+def _stop_on_signals() -> None:
+    """SIGTERM and SIGINT unwind like Ctrl-C, so every process this command started is stopped (SIGINT too: a
+    shell that starts a job in the background hands it SIGINT ignored)."""
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
