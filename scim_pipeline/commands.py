@@ -30,8 +30,6 @@ def run_sync(organization_ids: list[str] | None = None, delivery_backoff_s: floa
              say=_say) -> dict:
     """Materialize the whole pipeline once, headless: catalogue, directory sync and change sets of every
     organization (or those given), then delivery. Returns a summary; raises SyncFailed when a run fails."""
-    import dagster as dg
-
     from scim_pipeline.defs.directory.automation import partition_ranges, range_tags
     from scim_pipeline.defs.partitions import organizations_partitions
     from scim_pipeline.definitions import defs
@@ -110,22 +108,25 @@ def _execute(job, instance, **kwargs):
 
 
 def summarize(organization_ids: list[str] | None = None) -> dict:
-    scope = "WHERE list_contains($orgs, organization_id)" if organization_ids else ""
+    """Counts of what the warehouse holds (all organizations, or those given) and what waits for the application."""
+    scope = "list_contains($orgs, organization_id)" if organization_ids else "true"
     params = {"orgs": organization_ids} if organization_ids else {}
     with warehouse().read() as con:
-        one = lambda q: con.execute(q.format(scope=scope), params).fetchone()[0]  # noqa: E731
+        def one(query: str) -> int:
+            return con.execute(query, params).fetchone()[0]
+
         summary = {
-            "organizations": one("SELECT count(*) FROM organizations {scope}"),
-            "users": one("SELECT count(*) FROM directory_users {scope}" + (" AND" if scope else " WHERE") + " deleted_at IS NULL"),
-            "groups": one("SELECT count(*) FROM directory_groups {scope}" + (" AND" if scope else " WHERE") + " deleted_at IS NULL"),
-            "memberships": one("SELECT count(*) FROM group_memberships {scope}"),
-            "roles": one("SELECT count(*) FROM role_assignments {scope}"),
+            "organizations": one(f"SELECT count(*) FROM organizations WHERE {scope}"),
+            "users": one(f"SELECT count(*) FROM directory_users WHERE {scope} AND deleted_at IS NULL"),
+            "groups": one(f"SELECT count(*) FROM directory_groups WHERE {scope} AND deleted_at IS NULL"),
+            "memberships": one(f"SELECT count(*) FROM group_memberships WHERE {scope}"),
+            "roles": one(f"SELECT count(*) FROM role_assignments WHERE {scope}"),
         }
         summary["changes"] = dict(con.execute(
-            f"SELECT status, count(*) FROM change_sets {scope} GROUP BY 1 ORDER BY 1", params).fetchall())
+            f"SELECT status, count(*) FROM change_sets WHERE {scope} GROUP BY 1 ORDER BY 1", params).fetchall())
         failures = con.execute(
-            f"SELECT organization_id, count(*), any_value(last_error) FROM change_sets {scope}"
-            + (" AND" if scope else " WHERE") + " status IN ('failed', 'dead') GROUP BY 1", params).fetchall()
+            f"""SELECT organization_id, count(*), any_value(last_error) FROM change_sets
+                WHERE {scope} AND status IN ('failed', 'dead') GROUP BY 1""", params).fetchall()
         summary["undelivered"] = {org: {"changes": n, "error": err} for org, n, err in failures}
     return summary
 
