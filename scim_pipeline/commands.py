@@ -60,8 +60,12 @@ def run_sync(organization_ids: list[str] | None = None, delivery_backoff_s: floa
 
     sync_job = defs.resolve_job_def("directory_sync")
     keys = list(instance.get_dynamic_partitions(organizations_partitions.name))
+    failed: dict[str, str] = {}  # an organization Scalekit would not list does not stop the others
     for first, last in partition_ranges(keys, set(targets), ORGS_PER_RUN):
-        _execute(sync_job, instance, run_config=QUIET_LOGS, tags=range_tags(first, last))
+        result = _execute(sync_job, instance, run_config=QUIET_LOGS, tags=range_tags(first, last))
+        for materialization in result.asset_materializations_for_node("directory_snapshot"):
+            entry = materialization.metadata.get("failures")
+            failed.update(entry.value if entry is not None else {})
 
     say("Delivering change sets to the application ...")
     config = {"organizations": targets}
@@ -70,6 +74,7 @@ def run_sync(organization_ids: list[str] | None = None, delivery_backoff_s: floa
     _execute(defs.resolve_job_def("deliver_changes"), instance,
              run_config={**QUIET_LOGS, "ops": {"deliver": {"config": config}}})
     summary = summarize(targets)
+    summary["failed"] = failed
     summary["seconds"] = round(time.monotonic() - started, 1)
     return summary
 
@@ -137,6 +142,8 @@ def print_summary(summary: dict) -> None:
     print("changes: " + (", ".join(f"{k} {v}" for k, v in summary["changes"].items()) or "none"))
     for org, info in summary["undelivered"].items():
         print(f"  {org}: {info['changes']} change(s) waiting for the application ({info['error']})")
+    for org, error in summary.get("failed", {}).items():
+        print(f"  {org}: NOT SYNCED: {error}")
     if "seconds" in summary:
         print(f"took {summary['seconds']}s")
 
@@ -148,7 +155,7 @@ def sync_from_cli(args) -> int:
         print(f"scim-pipeline sync: {exc}", file=sys.stderr)
         return 1
     print_summary(summary)
-    return 0
+    return 1 if summary["failed"] else 0
 
 
 def query(sql: str) -> pd.DataFrame:
