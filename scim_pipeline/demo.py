@@ -105,12 +105,13 @@ def _probe(stack: Stack, org: str, user: dict, timeout: float = 60.0) -> float |
 
 
 def _settle(stack: Stack, timeout: float) -> bool:
-    """Wait until no run is queued or in progress and nothing waits in the inbox or the outbox."""
+    """Wait until, for longer than one sensor loop, no run is queued or in progress and nothing in the outbox is due."""
     import dagster as dg
 
     from scim_pipeline.commands import dagster_instance
     from scim_pipeline.directory_sync import utcnow
     from scim_pipeline.outbox_index import OutboxIndex
+
     instance = dagster_instance()
     outbox = OutboxIndex(config.settings().outbox_index_path)
     quiet_since = None
@@ -164,7 +165,11 @@ def run_demo() -> bool:
 
         say(f"\n4. Latency probes: {PROBES} leavers and returners, webhook to application")
         truth = stack.truth()
-        candidates = [(o["id"], u) for o in truth["organizations"] for u in o["users"]]
+        # Only users the application already shows as the directory does (a dropped webhook may still be pending):
+        # otherwise a probe would time a change that was already there.
+        shown = {u["user_id"]: u["active"] for u in stack.app_state()["users"]}
+        candidates = [(o["id"], u) for o in truth["organizations"] for u in o["users"]
+                      if shown.get(u["id"]) == u["active"]]
         latencies = []
         for org, user in rng.sample(candidates, PROBES):
             latency = _probe(stack, org, user)
