@@ -1,0 +1,36 @@
+"""Loading a directory snapshot is idempotent: the same listing loaded again changes no row."""
+
+from datetime import datetime, timedelta
+from scim_pipeline.resources.warehouse import Warehouse
+from scim_pipeline.warehouse.directory import Spool, load_snapshot
+
+
+def user(i, groups):
+    return {"user_id": f"diruser_{i}", "organization_id": "org_1", "directory_id": "dir_1", "email": f"u{i}@x.io",
+            "given_name": "G", "family_name": "F", "preferred_username": f"u{i}", "active": True,
+            "emails": [f"u{i}@x.io"], "groups": [{"id": g, "name": g} for g in groups], "updated_at": datetime(2026, 1, 1),
+            "detail": {"active": True}}
+
+
+def test_loading_the_same_snapshot_twice_changes_nothing(tmp_path):
+    wh = Warehouse(tmp_path / "w.duckdb")
+    groups = [{"group_id": f"dirgroup_{g}", "organization_id": "org_1", "directory_id": "dir_1",
+               "display_name": f"G{g}", "total_users": 1, "updated_at": datetime(2026, 1, 1), "detail": {}} for g in range(5)]
+    users = [user(i, [f"dirgroup_{i % 5}", f"dirgroup_{(i + 1) % 5}"]) for i in range(300)]
+    states = []
+    for n in range(3):
+        t = datetime(2026, 1, 2) + timedelta(hours=n)
+        spool = Spool.create(tmp_path / "spool", "org_1", t)
+        spool.add_groups(groups)
+        for k in range(0, 300, 30):
+            spool.add_users(users[k:k + 30])
+        with wh.write() as con:
+            load_snapshot(con, spool, t)
+        with wh.read() as con:
+            states.append((
+                con.execute("SELECT group_id, display_name, deleted_at FROM directory_groups ORDER BY 1").fetchall(),
+                con.execute("SELECT * FROM directory_user_groups ORDER BY ALL").fetchall(),
+                con.execute("SELECT user_id, email, deleted_at FROM directory_users ORDER BY 1").fetchall(),
+            ))
+    assert states[0] == states[1] == states[2]
+    assert len(states[0][1]) == 600 and len(states[0][0]) == 5
