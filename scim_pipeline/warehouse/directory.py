@@ -76,6 +76,10 @@ def _read_json(path: Path, columns: dict[str, str]) -> str:
     return f"read_json('{path}', format='newline_delimited', columns={{{cols}}})"
 
 
+# A row is the snapshot's to overwrite (or tombstone) unless a webhook event newer than the listing changed it.
+FRESH = "(t.event_at IS NULL OR t.event_at < $listed_at)"
+
+
 @dataclass
 class SnapshotCounts:
     users: int
@@ -95,8 +99,7 @@ def load_snapshot(con: duckdb.DuckDBPyConnection, spool: Spool, synced_at: datet
     listed_at = spool.listed_at
     con.execute("CREATE OR REPLACE TEMP TABLE stage_users AS SELECT * FROM " + _read_json(spool.folder / "users.ndjson", USER_COLUMNS))
     con.execute("CREATE OR REPLACE TEMP TABLE stage_groups AS SELECT * FROM " + _read_json(spool.folder / "groups.ndjson", GROUP_COLUMNS))
-    # A row is ours to overwrite unless a webhook event newer than the listing already changed it.
-    fresh = "(t.event_at IS NULL OR t.event_at < $listed_at)"
+    fresh = FRESH
 
     # Comparing every column of the existing rows would scan the whole table (the SCIM detail of every user of
     # every organization) for each organization. An organization's rows sit together, so first find where the
@@ -144,14 +147,7 @@ def load_snapshot(con: duckdb.DuckDBPyConnection, spool: Spool, synced_at: datet
         {"synced_at": synced_at, "lo": lo, "hi": hi},
     )
     # Deletes are learned from the full snapshot: live users of this organization absent from it.
-    users_deleted = con.execute(
-        f"""
-        UPDATE directory_users AS t SET deleted_at = $synced_at, synced_at = $synced_at, event_at = $listed_at
-        WHERE t.organization_id = $org AND t.deleted_at IS NULL AND {fresh}
-          AND t.user_id NOT IN (SELECT user_id FROM stage_users)
-        """,
-        {"synced_at": synced_at, "listed_at": listed_at, "org": org},
-    ).fetchone()[0]
+    users_deleted = _tombstone_absent(con, "directory_users", "user_id", "stage_users", org, synced_at, listed_at)
 
     groups_new, groups_changed = con.execute(
         f"""
@@ -176,14 +172,8 @@ def load_snapshot(con: duckdb.DuckDBPyConnection, spool: Spool, synced_at: datet
         """,
         {"synced_at": synced_at, "listed_at": listed_at},
     )
-    groups_deleted = con.execute(
-        f"""
-        UPDATE directory_groups AS t SET deleted_at = $synced_at, synced_at = $synced_at, event_at = $listed_at
-        WHERE t.organization_id = $org AND t.deleted_at IS NULL AND {fresh}
-          AND t.group_id NOT IN (SELECT group_id FROM stage_groups)
-        """,
-        {"synced_at": synced_at, "listed_at": listed_at, "org": org},
-    ).fetchone()[0]
+    groups_deleted = _tombstone_absent(con, "directory_groups", "group_id", "stage_groups", org, synced_at,
+                                       listed_at)
 
     # Raw memberships follow their user's row: replaced wherever the snapshot was allowed to write the user.
     con.execute(
@@ -213,6 +203,21 @@ def load_snapshot(con: duckdb.DuckDBPyConnection, spool: Spool, synced_at: datet
         groups=spool.groups, groups_new=groups_new, groups_changed=groups_changed, groups_deleted=groups_deleted,
         memberships=memberships,
     )
+
+
+def _tombstone_absent(con: duckdb.DuckDBPyConnection, table: str, key: str, stage: str, org: str,
+                      synced_at: datetime, listed_at: datetime) -> int:
+    """Set ``deleted_at`` on the organization's live rows missing from the staged snapshot (unless a webhook event
+    newer than the listing changed them); returns how many."""
+    return con.execute(
+        f"""
+        UPDATE {table} AS t SET deleted_at = $synced_at, synced_at = $synced_at, event_at = $listed_at
+        WHERE t.organization_id = $org AND t.deleted_at IS NULL
+          AND {FRESH}
+          AND t.{key} NOT IN (SELECT {key} FROM {stage})
+        """,
+        {"synced_at": synced_at, "listed_at": listed_at, "org": org},
+    ).fetchone()[0]
 
 
 def upsert_organizations(con: duckdb.DuckDBPyConnection, orgs: list[dict], synced_at: datetime) -> None:
