@@ -84,22 +84,10 @@ class Mutator:
     # --- lookups and undo -------------------------------------------------------------------------------------------
 
     def _user(self, op: dict) -> User:
-        uid = _str(op, "user_id")
-        if not uid.startswith("diruser_"):
-            raise _Invalid(f"user_id must start with 'diruser_', got {uid!r}")
-        user = self.store.users.get(uid)
-        if user is None:
-            raise _Invalid(f"unknown user_id {uid!r}")
-        return user
+        return _lookup(op, "user_id", "diruser_", self.store.users)
 
     def _group(self, op: dict) -> Group:
-        gid = _str(op, "group_id")
-        if not gid.startswith("dirgroup_"):
-            raise _Invalid(f"group_id must start with 'dirgroup_', got {gid!r}")
-        group = self.store.groups.get(gid)
-        if group is None:
-            raise _Invalid(f"unknown group_id {gid!r}")
-        return group
+        return _lookup(op, "group_id", "dirgroup_", self.store.groups)
 
     def _directory_for(self, op: dict, attrs: dict | None = None) -> Directory:
         org_id = _str(op, "organization_id")
@@ -388,6 +376,17 @@ class Mutator:
 
     def _disable_directory(self, op: dict) -> Applied:
         return self._toggle(op, "disable_directory", False)
+
+
+def _lookup(op: dict, key: str, prefix: str, table: dict):
+    """The entity an op names by ``key``: the id must carry Scalekit's prefix and exist."""
+    value = _str(op, key)
+    if not value.startswith(prefix):
+        raise _Invalid(f"{key} must start with '{prefix}', got {value!r}")
+    found = table.get(value)
+    if found is None:
+        raise _Invalid(f"unknown {key} {value!r}")
+    return found
 
 
 def _str(op: dict, key: str) -> str:
