@@ -5,7 +5,7 @@ every user through the real ``scalekit-sdk-python`` exactly as the pipeline does
 ``ListDirectoryUsers.with_call``, page size 30, ``include_detail``) over TLS:
 
 1. cold: each user's protobuf is built on first request (what the first full sync after start-up meets);
-2. warm: every user's protobuf pre-built (``POST /_emulator/prebuild``), the steady state;
+2. warm: every user's protobuf pre-built (``POST /_emulator/prebuild``), the steady state (best of ``--repeat``);
 
 and compares them with two ceilings measured in the same run:
 
@@ -13,7 +13,7 @@ and compares them with two ceilings measured in the same run:
    what the emulator and its TLS/ALPN front can serve;
 4. the emulator alone, in this process: producing the same pages from pre-built protobufs, no network.
 
-    python bench/emulator.py [--users 100000] [--page-size 30]
+    python bench/emulator.py [--users 100000] [--page-size 30] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -115,6 +115,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--users", type=int, default=100_000)
     parser.add_argument("--page-size", type=int, default=30)
+    parser.add_argument("--repeat", type=int, default=3, help="warm and raw listings each; the best counts")
     args = parser.parse_args()
 
     home = Path(tempfile.mkdtemp(prefix="bench-emulator-"))
@@ -146,14 +147,22 @@ def main() -> int:
                               timeout=300)
         print(f"POST /_emulator/prebuild (builds whatever the cold listing left): {response.json()['seconds']:.2f} s")
 
-        count, warm = list_with_sdk(client, org.id, directory.id, args.page_size)
-        assert count == args.users
-        sdk_rate = count / warm
-        print(f"SDK listing, warm (protobufs pre-built):       {sdk_rate:,.0f} users/s ({warm:.2f} s)")
-
-        pages, raw = list_raw(client, org.id, directory.id, args.page_size)
-        raw_rate = args.users / raw
-        print(f"ceiling 1, raw gRPC over TLS, no SDK:          {raw_rate:,.0f} users/s ({raw:.2f} s, {pages} pages)")
+        # Warm listings and the raw ceiling take turns, --repeat times each; the best of each counts (the
+        # machines this runs on are shared and noisy, and noise only ever slows a run down).
+        warm_runs, raw_runs = [], []
+        for _ in range(args.repeat):
+            count, seconds = list_with_sdk(client, org.id, directory.id, args.page_size)
+            assert count == args.users
+            warm_runs.append(seconds)
+            pages, seconds = list_raw(client, org.id, directory.id, args.page_size)
+            raw_runs.append(seconds)
+        warm, raw = min(warm_runs), min(raw_runs)
+        sdk_rate, raw_rate = args.users / warm, args.users / raw
+        runs = lambda xs: ", ".join(f"{args.users / x:,.0f}" for x in xs)  # noqa: E731
+        print(f"SDK listing, warm (protobufs pre-built):       {sdk_rate:,.0f} users/s ({warm:.2f} s; "
+              f"runs: {runs(warm_runs)})")
+        print(f"ceiling 1, raw gRPC over TLS, no SDK:          {raw_rate:,.0f} users/s ({raw:.2f} s, {pages} pages; "
+              f"runs: {runs(raw_runs)})")
     finally:
         service.stop()
 

@@ -69,6 +69,7 @@ def build_app(emulator: "Emulator"):
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok", "port": emulator.port, "grpc_port": emulator.grpc_port,
+                             "router_pid": emulator.router_pid,
                              "uptime_s": round(time.monotonic() - emulator.started, 3)})
 
     def state(request: Request) -> Response:

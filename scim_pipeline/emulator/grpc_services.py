@@ -315,7 +315,7 @@ class DirectoryService(dgrpc.DirectoryServiceServicer):
                     if u.id in store.users:
                         user_entry(store, u, detail)
                 if i % 4 == 3:
-                    time.sleep(0)  # let the router and the request threads have the GIL
+                    time.sleep(0)  # let the request threads have the GIL
         except Exception:  # a best-effort optimisation must never take the server down
             log.exception("read-ahead failed")
         finally:
@@ -445,7 +445,7 @@ def build_server(store: DirectoryStore, edge: Edge, endpoint_base: str,
                  toggle: Callable[[str, str, bool], bool] | None = None, workers: int = 8,
                  tls_key_and_cert: tuple[bytes, bytes] | None = None) -> tuple[grpc.Server, int]:
     """The gRPC server on an ephemeral loopback port, and that port. With ``tls_key_and_cert`` it terminates TLS
-    itself (the router pipes the SDK's encrypted bytes to it); without, it speaks plain text (tests, benchmarks)."""
+    itself (the router process pipes the SDK's encrypted bytes to it); without, it speaks plain text (tests, benchmarks)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="emulator-grpc"),
                          options=SERVER_OPTIONS)
     registrar = _Registrar(server)

@@ -26,7 +26,7 @@ from scim_pipeline.emulator.control import build_app
 from scim_pipeline.emulator.gateway import Credentials, FaultInjector, Tokens
 from scim_pipeline.emulator.grpc_services import Edge, build_server, user_entry
 from scim_pipeline.emulator.mutations import Applied, Mutator
-from scim_pipeline.emulator.router import AlpnRouter
+from scim_pipeline.emulator.router import AlpnRouter, event_loop_runner
 from scim_pipeline.emulator.synthetic import generate
 from scim_pipeline.emulator.webhooks import WebhookSender, new_webhook_secret
 
@@ -65,7 +65,8 @@ class Emulator:
         home.mkdir(parents=True, exist_ok=True)
         self.seed = seed
         self.port = 0
-        self.grpc_port = 0  # the internal plain-text gRPC port (loopback), for diagnostics and benchmarks
+        self.grpc_port = 0  # the internal gRPC port (loopback), for diagnostics and benchmarks
+        self.router_pid: int | None = None  # the router process (see router.py), for diagnostics
         self.started = time.monotonic()
         self.store, self.factories = generate(seed, orgs, users_per_org, groups_per_org)
         # The directory is a large, long-lived object graph: keep the cyclic GC from walking it on every full pass
@@ -147,7 +148,7 @@ class Emulator:
         router = AlpnRouter(tls.server_context(files), grpc_port,
                             lambda: http_class(config=uv_config, server_state=http_state, app_state={}))
         try:
-            self.port = await router.bind(host, port)
+            self.port = router.bind(host, port)
         except OSError as exc:
             grpc_server.stop(0)
             reason = "address already in use" if getattr(exc, "errno", None) in (48, 98) else exc.strerror or str(exc)
@@ -155,7 +156,14 @@ class Emulator:
             return 1
 
         grpc_server.start()
-        await router.serve()
+        router_failed = False
+
+        def router_exited() -> None:
+            nonlocal router_failed
+            router_failed = True
+            stop.set()
+
+        self.router_pid = router.serve(on_router_exit=router_exited)
         self.sender.start()
         config.write_dotenv(env_path, self.env())
         self.started = time.monotonic()
@@ -181,15 +189,7 @@ class Emulator:
             conn.shutdown()
         grpc_server.stop(0.2).wait(3)
         await asyncio.to_thread(self.sender.stop)
-        return 0
-
-
-def _event_loop_runner():
-    try:
-        import uvloop  # faster loop for the TLS pipe when available; plain asyncio otherwise
-        return uvloop.run
-    except ImportError:
-        return asyncio.run
+        return 1 if router_failed else 0
 
 
 def run_from_cli(args: argparse.Namespace) -> int:
@@ -206,5 +206,5 @@ def run_from_cli(args: argparse.Namespace) -> int:
         config.home(), seed=args.seed, orgs=args.orgs, users_per_org=args.users_per_org,
         groups_per_org=args.groups_per_org, webhook_url=args.webhook_url, retry_time_scale=args.retry_time_scale,
         token_ttl=args.token_ttl)
-    return _event_loop_runner()(emulator.serve(args.host, args.port, args.churn))
+    return event_loop_runner()(emulator.serve(args.host, args.port, args.churn))
 

@@ -72,3 +72,83 @@ def test_port_zero_picks_a_free_port_and_sigterm_exits_zero(home):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait_for(predicate, timeout: float = 10.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def test_router_process_never_outlives_the_emulator(home):
+    """The router (a process of its own) exits when the emulator is killed with SIGKILL, freeing the port."""
+    emu = RunningEmulator(home, orgs=1, users_per_org=3)
+    router_pid = emu.control("GET", "/_emulator/healthz").json()["router_pid"]
+    assert router_pid and router_pid != emu.service.process.pid and _pid_alive(router_pid)
+    emu.service.kill()
+
+    def port_free() -> bool:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no owner
+            try:
+                probe.bind(("127.0.0.1", emu.port))
+                probe.listen()
+            except OSError:
+                return False
+            return True
+
+    assert _wait_for(lambda: not _pid_alive(router_pid)), "the router outlived a killed emulator"
+    assert _wait_for(port_free)
+
+
+def test_a_router_that_dies_stops_the_emulator_with_an_error(home):
+    import signal
+
+    emu = RunningEmulator(home, orgs=1, users_per_org=3)
+    router_pid = emu.control("GET", "/_emulator/healthz").json()["router_pid"]
+    os.kill(router_pid, signal.SIGKILL)
+    assert emu.service.process.wait(20) == 1  # not a server that silently answers nothing
+    assert "router process exited" in emu.service.log_tail()
+
+
+def test_silent_and_non_tls_clients_do_not_disturb_the_others(home):
+    """A client that never sends its ClientHello, and one that speaks plain HTTP, are dealt with (closed) while
+    the SDK's token requests (handed to the emulator's HTTP side) and gRPC calls (piped) go on."""
+    with RunningEmulator(home, orgs=1, users_per_org=3) as emu:
+        silent = socket.create_connection(("127.0.0.1", emu.port))
+        plain = socket.create_connection(("127.0.0.1", emu.port), timeout=10)
+        try:
+            plain.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert plain.recv(100) == b""  # not TLS: closed without an answer
+            client = emu.client()
+            orgs = client.organization.list_organizations()[0].organizations
+            assert len(orgs) == 1
+            assert emu.control("GET", "/_emulator/healthz").json()["status"] == "ok"
+        finally:
+            silent.close()
+            plain.close()
+
+
+def test_ctrl_c_to_the_process_group_is_a_clean_stop(home):
+    """Ctrl-C in a terminal reaches the emulator and its router at once: the router leaves stopping to the
+    emulator, which exits 0 (a router that quit first would have looked like a crash)."""
+    import signal
+
+    emu = RunningEmulator(home, orgs=1, users_per_org=3)  # started in a session of its own, like a terminal's job
+    router_pid = emu.control("GET", "/_emulator/healthz").json()["router_pid"]
+    os.killpg(emu.service.process.pid, signal.SIGINT)
+    assert emu.service.process.wait(20) == 0
+    assert _wait_for(lambda: not _pid_alive(router_pid))
