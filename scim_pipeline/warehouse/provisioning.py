@@ -187,7 +187,7 @@ def desired_state(con: duckdb.DuckDBPyConnection, org_id: str) -> dict[str, pd.D
 # collision yields both changes instead of none. Payloads are built only for what differs. A real difference is
 # missed only if two different 64-bit fingerprints collide: about 2^-64 per changed row.
 _DIFF_SQL = """
-CREATE OR REPLACE TEMP TABLE _diff_raw AS
+CREATE OR REPLACE TEMP TABLE _diff AS
 WITH user_diff AS (
     SELECT coalesce(d.organization_id, h.organization_id) AS organization_id,
            coalesce(d.user_id, h.user_id) AS user_id,
@@ -261,23 +261,22 @@ roles AS (
     SELECT h_org, 'role', 'revoke', h_user, h_user || '/' || h_role,
            json_object('user_id', h_user, 'role_name', h_role)
     FROM role_pairs WHERE h_user IS NOT NULL
+),
+changes AS (
+    SELECT * FROM users
+    UNION ALL SELECT * FROM memberships
+    UNION ALL SELECT * FROM roles
 )
-SELECT * FROM users
-UNION ALL SELECT * FROM memberships
-UNION ALL SELECT * FROM roles
-"""
-
-# Generation: acknowledged changes per entity key, so that a change recurring after its opposite gets a new id.
-_IDS_SQL = """
-CREATE OR REPLACE TEMP TABLE _diff AS
+-- Generation: acknowledged changes per entity key, so that a change recurring after its opposite gets a new id.
+-- (In the same statement as the diff: one temporary table fewer to write, about a tenth of the time.)
 SELECT r.*,
        'chg_' || md5(concat_ws(chr(31), r.organization_id, r.entity, r.op, r.entity_key, r.payload::VARCHAR,
                                coalesce(g.generation, 0)::VARCHAR)) AS change_id
-FROM _diff_raw r
+FROM changes r
 LEFT JOIN (
     SELECT c.organization_id, c.entity, c.entity_key, count(*) AS generation
     FROM change_sets c
-    SEMI JOIN _diff_raw k
+    SEMI JOIN changes k
       ON k.organization_id = c.organization_id AND k.entity = c.entity AND k.entity_key = c.entity_key
     WHERE c.status = 'delivered' AND {scope_c}
     GROUP BY ALL
@@ -368,8 +367,7 @@ def compute_change_sets(
     ``inserted``, ``superseded``, ``held`` (held now, in the diff), and ``guard_tripped`` (organization ids)."""
     scope = _scope(org_id)
     params = _params(org_id)
-    con.execute(_DIFF_SQL.format(scope=scope), params)
-    con.execute(_IDS_SQL.format(scope_c=_scope(org_id, "c.organization_id")), params)
+    con.execute(_DIFF_SQL.format(scope=scope, scope_c=_scope(org_id, "c.organization_id")), params)
 
     inserted = _count(con.execute(
         """
