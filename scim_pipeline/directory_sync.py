@@ -4,6 +4,7 @@ organization into the warehouse in its own transaction. Plain functions; the Dag
 from __future__ import annotations
 
 import logging
+import os
 import queue
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from scim_pipeline.listing_processes import ListingProcesses
 from scim_pipeline.resources.scalekit import DirectoryAPI, ScalekitError
 from scim_pipeline.resources.warehouse import Warehouse
 from scim_pipeline.warehouse.directory import SnapshotCounts, Spool, load_snapshot, upsert_directories
@@ -19,6 +21,7 @@ log = logging.getLogger(__name__)
 
 LOAD_MEMORY_LIMIT = "128MB"
 LOAD_THREADS = 2
+MIN_ORGANIZATIONS_FOR_PROCESSES = 8
 
 
 def utcnow() -> datetime:
@@ -62,9 +65,12 @@ def sync_organizations(
     spool_root: Path,
     workers: int = 8,
     progress: Callable[[str], None] = log.info,
+    processes: int | None = None,
 ) -> SyncReport:
     """List every organization (``workers`` at a time) and load each as soon as it is listed.
 
+    Listing runs in this process's threads, or with ``processes`` > 0 in that many worker processes sharing the
+    ``workers`` threads (see ``listing_processes``); None chooses (``listing_processes_for``).
     One organization failing (or having no directory) never stops the others; a Scalekit that refuses our
     credentials or cannot be reached at all is raised at once, since no organization can succeed."""
     report = SyncReport()
@@ -117,8 +123,16 @@ def sync_organizations(
                 return spool
         return None
 
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, total or 1))) as pool:
-        futures = {pool.submit(list_organization, api, org, spool_root): org for org in organization_ids}
+    workers = max(1, min(workers, total or 1))
+    processes = listing_processes_for(total, workers) if processes is None else min(processes, workers)
+    if processes > 0:
+        lister = ListingProcesses(api, spool_root, processes, threads=-(-workers // processes))
+        submit = lister.submit
+    else:
+        lister = ThreadPoolExecutor(max_workers=workers)
+        submit = lambda org: lister.submit(list_organization, api, org, spool_root)  # noqa: E731
+    with lister:
+        futures = {submit(org): org for org in organization_ids}
         for future in futures:
             future.add_done_callback(listed.put)
         remaining = len(futures)
@@ -136,6 +150,15 @@ def sync_organizations(
                     load(con, spool)
                     spool = next_ready()
     return report
+
+
+def listing_processes_for(organizations: int, workers: int) -> int:
+    """Worker processes for listing: one per core (up to 4) when there are enough organizations to keep them busy;
+    none (threads only) for a few, where starting processes (about a second each) costs more than it saves."""
+    cores = os.cpu_count() or 1
+    if cores < 2 or organizations < MIN_ORGANIZATIONS_FOR_PROCESSES:
+        return 0
+    return min(cores, 4, workers)
 
 
 def tune(con) -> None:
