@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from scim_pipeline.config import read_dotenv
+from scim_pipeline_tests.demo_app.helpers import wait_until
 from scim_pipeline_tests.emulator_support import RunningEmulator
 
 ENV_KEYS = {"SCALEKIT_ENVIRONMENT_URL", "SCALEKIT_CLIENT_ID", "SCALEKIT_CLIENT_SECRET", "SCALEKIT_WEBHOOK_SECRET",
@@ -82,17 +83,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _wait_for(predicate, timeout: float = 10.0) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
 def test_router_process_never_outlives_the_emulator(home):
     """The router (a process of its own) exits when the emulator is killed with SIGKILL, freeing the port."""
     emu = RunningEmulator(home, orgs=1, users_per_org=3)
@@ -110,8 +100,8 @@ def test_router_process_never_outlives_the_emulator(home):
                 return False
             return True
 
-    assert _wait_for(lambda: not _pid_alive(router_pid)), "the router outlived a killed emulator"
-    assert _wait_for(port_free)
+    assert wait_until(lambda: not _pid_alive(router_pid), 10), "the router outlived a killed emulator"
+    assert wait_until(port_free, 10)
 
 
 def test_a_router_that_dies_stops_the_emulator_with_an_error(home):
@@ -151,4 +141,4 @@ def test_ctrl_c_to_the_process_group_is_a_clean_stop(home):
     router_pid = emu.control("GET", "/_emulator/healthz").json()["router_pid"]
     os.killpg(emu.service.process.pid, signal.SIGINT)
     assert emu.service.process.wait(20) == 0
-    assert _wait_for(lambda: not _pid_alive(router_pid))
+    assert wait_until(lambda: not _pid_alive(router_pid), 10)
