@@ -155,7 +155,7 @@ def sync_organizations(
 def listing_processes_for(organizations: int, workers: int) -> int:
     """Worker processes for listing: one per core (up to 4) when there are enough organizations to keep them busy;
     none (threads only) for a few, where starting processes (about a second each) costs more than it saves."""
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if cores < 2 or organizations < MIN_ORGANIZATIONS_FOR_PROCESSES:
         return 0
     return min(cores, 4, workers)

@@ -18,6 +18,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import signal
 import threading
 import time
 import traceback
@@ -32,13 +33,15 @@ _POLL_S = 0.5  # how often the collector checks that the workers are alive while
 
 
 class ListingFailed(Exception):
-    """A listing ended with an error that is neither Scalekit's nor a missing directory (a bug, or a dead worker)."""
+    """A listing ended with an error that is neither Scalekit's nor a missing directory (a bug): the sync raises it,
+    as it raises what a listing thread raised."""
 
 
 def _worker(config, backoff: Backoff, spool_root: Path, threads: int, tasks, results) -> None:
     """A worker process: ``threads`` threads take organization ids from ``tasks`` until a None each."""
     from scim_pipeline.directory_sync import NoDirectory, list_organization  # not at import: circular
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops the workers
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     api = DirectoryAPI(config, backoff)
 
