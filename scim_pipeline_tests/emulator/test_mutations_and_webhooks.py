@@ -175,6 +175,17 @@ def test_webhook_faults_drop_and_duplicate(emulator, receiver):
     assert emulator.webhook_status()["dropped"] == 1
 
 
+def test_webhook_delay_fault_holds_each_event_back(emulator, receiver):
+    emulator.set_webhook_url(receiver.url)
+    user = _org(emulator)["users"][0]
+    emulator.faults(webhook_delay_ms=1500)
+    started = time.monotonic()
+    emulator.mutate([{"op": "update_user", "user_id": user["id"], "changes": {"title": "Later"}}])
+    assert receiver.wait_for(1, timeout=1.0) == []  # not before the delay
+    assert len(receiver.wait_for(1, timeout=10)) == 1
+    assert time.monotonic() - started >= 1.5
+
+
 def test_directory_can_be_disabled_and_enabled(emulator, receiver, client):
     emulator.set_webhook_url(receiver.url)
     org = _org(emulator)
