@@ -279,7 +279,8 @@ class AlpnRouter:
             data, fds = b"", []
         if not data and not fds:  # the router process is gone
             asyncio.get_running_loop().remove_reader(self.handoff.fileno())
-            log.error("the emulator's router process exited (%s)", self.process.poll())
+            code = self.process.poll()  # None when it has not been reaped yet
+            log.error("the emulator's router process exited%s", "" if code is None else f" with code {code}")
             on_router_exit()
             return
         for fd in fds:
