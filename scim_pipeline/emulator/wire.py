@@ -104,13 +104,7 @@ def struct_bytes(d: dict) -> bytes:
 
 def string_entry(key_prefix: bytes, value: str) -> bytes:
     """A Struct entry ``key: "value"``; ``key_prefix`` is ``entry_key(key)``."""
-    b = value.encode()
-    n = len(b)
-    vb = _STRING + (_BYTE[n] if n < 0x80 else varint(n)) + b
-    n = len(vb)
-    entry = key_prefix + (_BYTE[n] if n < 0x80 else varint(n)) + vb
-    n = len(entry)
-    return _ENTRY + (_BYTE[n] if n < 0x80 else varint(n)) + entry
+    return message_entry(key_prefix, _STRING, value.encode())
 
 
 @lru_cache(maxsize=65536)
@@ -120,7 +114,8 @@ def cached_string_entry(key_prefix: bytes, value: str) -> bytes:
 
 
 def message_entry(key_prefix: bytes, tag: bytes, payload: bytes) -> bytes:
-    """A Struct entry whose value is a struct (``tag`` STRUCT_VALUE) or a list (LIST_VALUE) already encoded."""
+    """A Struct entry whose value is a length-delimited Value field already encoded: a string (``string_entry``), a
+    struct (``tag`` STRUCT_VALUE) or a list (LIST_VALUE)."""
     n = len(payload)
     vb = tag + (_BYTE[n] if n < 0x80 else varint(n)) + payload
     n = len(vb)
