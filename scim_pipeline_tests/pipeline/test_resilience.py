@@ -50,18 +50,40 @@ def test_a_sync_killed_half_way_leaves_no_organization_half_written(world):
     assert world.differences() == []
 
 
+HANG_S = 200  # far beyond the 30 s these syncs take; under pytest's own 300 s timeout
+
+
 def test_two_syncs_at_once_both_succeed_and_sql_never_breaks_them(world):
     run_sync(say=lambda _: None)  # the catalogue and partitions exist; both runs below do real work
     world.emulator.faults(latency_ms=5)
-    first, second = cli("sync"), cli("sync")
+    # With faulthandler on, a sync that hangs is made to print where (SIGABRT) instead of timing the test out mute.
+    first, second = (cli("sync", env={"PYTHONFAULTHANDLER": "1"}) for _ in range(2))
+    deadline = time.monotonic() + HANG_S
+    # Their output is read as it comes: a pipe left full would block a sync in a write, and the test with it.
+    outputs: dict[int, str] = {}
+    drains = [threading.Thread(target=lambda p=p: outputs.__setitem__(p.pid, p.stdout.read()))
+              for p in (first, second)]
+    for drain in drains:
+        drain.start()
     sql_failures, sql_runs = [], 0
     while first.poll() is None or second.poll() is None:
+        if time.monotonic() > deadline:
+            for sync in (first, second):
+                if sync.poll() is None:
+                    sync.send_signal(signal.SIGABRT)
+            for drain in drains:
+                drain.join(10)
+            pytest.fail(f"a sync still ran after {HANG_S}s; its threads:\n" + "\n".join(
+                outputs.get(sync.pid, "")[-6000:] for sync in (first, second)))
         reader = subprocess.run([sys.executable, "-m", "scim_pipeline.cli", "sql",
-                                 "SELECT count(*) FROM directory_users"], capture_output=True, text=True)
+                                 "SELECT count(*) FROM directory_users"], capture_output=True, text=True,
+                                timeout=HANG_S)
         sql_runs += 1
         if reader.returncode != 0:
             sql_failures.append(reader.stderr)
-    out_first, out_second = first.stdout.read(), second.stdout.read()
+    for drain in drains:
+        drain.join()
+    out_first, out_second = outputs[first.pid], outputs[second.pid]
     assert first.returncode == 0, out_first[-2000:]
     assert second.returncode == 0, out_second[-2000:]
     assert sql_runs >= 1 and not sql_failures
