@@ -147,7 +147,7 @@ def bare_sdk_listing(org_ids: list[str], workers: int) -> int:
 
 def pipeline_sync(org_ids: list[str], workers: int, folder: Path):
     from scim_pipeline.directory_sync import sync_organizations
-    from scim_pipeline.resources.scalekit import DirectoryAPI
+    from scim_pipeline.directory_api import DirectoryAPI
 
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -162,7 +162,7 @@ def pipeline_sync(org_ids: list[str], workers: int, folder: Path):
 def write_alone(org_ids: list[str], workers: int, folder: Path) -> tuple[float, float, int]:
     """Spool every organization first, then time loading the spools, nothing else running."""
     from scim_pipeline.directory_sync import list_organization, tune, utcnow
-    from scim_pipeline.resources.scalekit import DirectoryAPI
+    from scim_pipeline.directory_api import DirectoryAPI
     from scim_pipeline.warehouse.directory import load_snapshot, upsert_directories
 
     shutil.rmtree(folder, ignore_errors=True)
@@ -190,7 +190,7 @@ def write_alone(org_ids: list[str], workers: int, folder: Path) -> tuple[float, 
 def memory_child(folder: Path) -> None:
     """Sync every organization of the emulator named by the environment; print RSS figures as one JSON line."""
     from scim_pipeline.directory_sync import sync_organizations
-    from scim_pipeline.resources.scalekit import DirectoryAPI
+    from scim_pipeline.directory_api import DirectoryAPI
     from scim_pipeline.resources.warehouse import Warehouse
 
     api = DirectoryAPI(scalekit_settings())
@@ -259,7 +259,7 @@ def main() -> int:
     if args.quick:
         args.orgs, args.users, args.latency_ms, args.big_users, args.repeat = 4, 300, 5, 20_000, 1
 
-    from scim_pipeline.resources.scalekit import DirectoryAPI
+    from scim_pipeline.directory_api import DirectoryAPI
     from scim_pipeline_tests.emulator_support import RunningEmulator
 
     root = Path(tempfile.mkdtemp(prefix="scim-bench-sync-"))

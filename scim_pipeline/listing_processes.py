@@ -25,7 +25,7 @@ import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from scim_pipeline.resources.scalekit import Backoff, DirectoryAPI, ScalekitError
+from scim_pipeline.directory_api import Backoff, DirectoryAPI, ScalekitError
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 import pytest
 
 from scim_pipeline.config import settings
-from scim_pipeline.resources.scalekit import Backoff, DirectoryAPI, ScalekitError
+from scim_pipeline.directory_api import Backoff, DirectoryAPI, ScalekitError
 from scim_pipeline_tests.emulator_support import emulator_fixture
 
 emulator = emulator_fixture(seed=21, orgs=2, users_per_org=70, groups_per_org=5)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 import duckdb
+import orjson
 
 USER_COLUMNS = {
     "user_id": "VARCHAR", "organization_id": "VARCHAR", "directory_id": "VARCHAR", "email": "VARCHAR",
@@ -26,12 +27,6 @@ GROUP_COLUMNS = {
     "group_id": "VARCHAR", "organization_id": "VARCHAR", "directory_id": "VARCHAR", "display_name": "VARCHAR",
     "total_users": "INTEGER", "updated_at": "TIMESTAMP", "detail": "JSON",
 }
-
-
-def _json_default(value):
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
 @dataclass
@@ -55,10 +50,10 @@ class Spool:
         return cls(folder, organization_id, listed_at)
 
     def _append(self, name: str, records: Iterable[dict]) -> int:
-        lines = [json.dumps(r, default=_json_default, separators=(",", ":")) for r in records]
+        lines = [orjson.dumps(r) for r in records]
         if lines:
-            with open(self.folder / name, "a") as f:
-                f.write("\n".join(lines) + "\n")
+            with open(self.folder / name, "ab") as f:
+                f.write(b"\n".join(lines) + b"\n")
         return len(lines)
 
     def add_users(self, records: list[dict]) -> None:

@@ -9,7 +9,7 @@ import threading
 
 from scim_pipeline.config import settings
 from scim_pipeline.directory_sync import listing_processes_for, sync_organizations
-from scim_pipeline.resources.scalekit import DirectoryAPI
+from scim_pipeline.directory_api import DirectoryAPI
 from scim_pipeline.resources.warehouse import Warehouse
 from scim_pipeline_tests.emulator_support import RunningEmulator
 

@@ -10,7 +10,8 @@ import dagster as dg
 from scim_pipeline.config import ConfigError
 from scim_pipeline.defs.jobs import directory_catalog_job, directory_sync_job
 from scim_pipeline.defs.partitions import organizations_partitions
-from scim_pipeline.resources.scalekit import ScalekitError, ScalekitResource
+from scim_pipeline.directory_api import ScalekitError
+from scim_pipeline.resources.scalekit import ScalekitResource
 
 RECONCILE_CRON_VAR = "SCIM_PIPELINE_RECONCILE_CRON"
 DEFAULT_RECONCILE_CRON = "0 3 * * *"  # daily, at night

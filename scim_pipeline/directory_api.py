@@ -1,0 +1,217 @@
+"""Scalekit's Directory API through the official SDK: paging, conversion to plain records, and backoff. Plain
+Python without Dagster (the resource is ``resources/scalekit.py``), so that listing processes start quickly.
+
+The SDK's ``list_directory_users``/``list_directory_groups`` wrappers break on any non-empty page, so pages are read
+through the SDK's own execution path, ``core_client.grpc_exec``, which keeps its authentication (re-login after
+``UNAUTHENTICATED``) and its exceptions. Rate limits surface at once from the SDK; backing off is ours, with full
+jitter and a bounded budget. UNAVAILABLE is retried here too (``retry_on_unavailable=False`` stops the SDK's own
+fixed 1-2 s sleeps from stacking under ours).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable, Iterator
+
+import orjson
+from scim_pipeline.config import ScalekitSettings
+from scim_pipeline.struct_json import plain, struct_json
+
+PAGE_SIZE = 30  # Scalekit's maximum for users and groups
+
+
+def _sdk():
+    """The SDK's modules, imported on first use: it takes a second to import, and every Dagster run process loads
+    this module whether or not the run talks to Scalekit."""
+    import scalekit
+    from scalekit.common import exceptions
+    from scalekit.v1.directories import directories_pb2
+    from scalekit.v1.organizations import organizations_pb2
+
+    return scalekit, exceptions, directories_pb2, organizations_pb2
+
+
+class ScalekitError(Exception):
+    """Scalekit could not be read: unreachable, refused our credentials, or kept failing past the retry budget."""
+
+
+def _time(ts) -> datetime | None:
+    if not ts.seconds and not ts.nanos:
+        return None
+    return datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, tz=timezone.utc).replace(tzinfo=None)
+
+
+def _enum_name(enum, value: int) -> str:
+    try:
+        return enum.Name(value)
+    except ValueError:
+        return str(value)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    attempts: int = 8
+    base_s: float = 0.2
+    max_s: float = 10.0
+
+    def delay(self, attempt: int) -> float:
+        return random.uniform(0, min(self.max_s, self.base_s * 2**attempt))
+
+
+class DirectoryAPI:
+    """Reads organizations, directories, users and groups; safe to share between threads (one gRPC channel)."""
+
+    def __init__(self, config: ScalekitSettings, backoff: Backoff = Backoff(), sleep: Callable = time.sleep):
+        self.config = config
+        self.backoff = backoff
+        self.sleep = sleep
+        self._client: ScalekitClient | None = None
+        self._lock = threading.Lock()
+        self.calls = 0
+        self.retries = 0
+
+    @property
+    def client(self):
+        scalekit, errors, _, _ = _sdk()
+        with self._lock:
+            if self._client is None:
+                try:
+                    self._client = scalekit.ScalekitClient(
+                        self.config.environment_url, self.config.client_id, self.config.client_secret
+                    )
+                except errors.ScalekitUnauthorizedException as exc:
+                    raise ScalekitError(
+                        f"Scalekit at {self.config.environment_url} refused the client credentials "
+                        "(SCALEKIT_CLIENT_ID / SCALEKIT_CLIENT_SECRET)"
+                    ) from exc
+                except errors.ScalekitException as exc:
+                    raise ScalekitError(
+                        f"Scalekit at {self.config.environment_url} is unreachable: {_reason(exc)}"
+                    ) from exc
+            return self._client
+
+    def call(self, method_name: str, service: str, request):
+        """One API call through the SDK's execution path, retried with jitter on rate limits and unavailability."""
+        _, errors, _, _ = _sdk()
+        retryable = (errors.ScalekitTooManyRequestsException, errors.ScalekitServiceUnavailableException)
+        client = self.client
+        stub = client.directory.directory_service if service == "directory" else client.organization.organization_service
+        method = getattr(stub, method_name).with_call
+        for attempt in range(self.backoff.attempts):
+            self.calls += 1
+            try:
+                response, _call = client.core_client.grpc_exec(method, request, retry_on_unavailable=False)
+                return response
+            except retryable as exc:
+                if attempt == self.backoff.attempts - 1:
+                    raise ScalekitError(
+                        f"Scalekit kept failing {method_name} after {self.backoff.attempts} attempts: {_reason(exc)}"
+                    ) from exc
+                self.retries += 1
+                self.sleep(self.backoff.delay(attempt))
+            except errors.ScalekitServerException as exc:
+                raise ScalekitError(f"Scalekit refused {method_name}: {_reason(exc)}") from exc
+            except errors.ScalekitException as exc:
+                raise ScalekitError(f"Scalekit call {method_name} failed: {_reason(exc)}") from exc
+        raise AssertionError("unreachable")
+
+    def organizations(self) -> Iterator[dict]:
+        orgs_pb2 = _sdk()[3]
+        token = ""
+        while True:
+            page = self.call("ListOrganization", "organization", orgs_pb2.ListOrganizationsRequest(page_size=100, page_token=token))
+            for org in page.organizations:
+                yield {"organization_id": org.id, "display_name": org.display_name, "external_id": org.external_id}
+            token = page.next_page_token
+            if not token or not page.organizations:
+                return
+
+    def directories(self, organization_id: str) -> list[dict]:
+        pb2 = _sdk()[2]
+        page = self.call("ListDirectories", "directory", pb2.ListDirectoriesRequest(organization_id=organization_id))
+        return [
+            {
+                "directory_id": d.id,
+                "organization_id": organization_id,
+                "name": d.name,
+                "provider": _enum_name(pb2.DirectoryProvider, d.directory_provider),
+                "directory_type": _enum_name(pb2.DirectoryType, d.directory_type),
+                "enabled": d.enabled,
+                "role_assignments": [
+                    {"group_id": a.group_id, "role_name": a.role_name} for a in d.role_assignments.assignments
+                ],
+                "total_users": d.total_users,
+                "total_groups": d.total_groups,
+            }
+            for d in page.directories
+        ]
+
+    def user_pages(self, organization_id: str, directory_id: str,
+                   updated_after: datetime | None = None) -> Iterator[list[dict]]:
+        """Every user of a directory, one page (up to 30) at a time, as warehouse records."""
+        request = _sdk()[2].ListDirectoryUsersRequest(
+            organization_id=organization_id, directory_id=directory_id, page_size=PAGE_SIZE, include_detail=True
+        )
+        if updated_after is not None:
+            request.updated_after.FromDatetime(updated_after.replace(tzinfo=timezone.utc))
+        for users in self._pages("ListDirectoryUsers", request, "users"):
+            yield [user_record(organization_id, directory_id, u) for u in users]
+
+    def group_pages(self, organization_id: str, directory_id: str) -> Iterator[list[dict]]:
+        """Every group of a directory, one page at a time, as warehouse records."""
+        request = _sdk()[2].ListDirectoryGroupsRequest(
+            organization_id=organization_id, directory_id=directory_id, page_size=PAGE_SIZE, include_detail=True
+        )
+        for groups in self._pages("ListDirectoryGroups", request, "groups"):
+            yield [group_record(organization_id, directory_id, g) for g in groups]
+
+    def _pages(self, method_name: str, request, field: str) -> Iterator:
+        """The items of each page of a directory listing, following its opaque page tokens."""
+        while True:
+            page = self.call(method_name, "directory", request)
+            items = getattr(page, field)
+            yield items
+            if not page.next_page_token or not items:
+                return
+            request.page_token = page.next_page_token
+
+
+def user_record(organization_id: str, directory_id: str, user) -> dict:
+    """A user as a warehouse record; its SCIM detail is JSON text (written into the record's JSON as is)."""
+    active = user.user_detail.fields.get("active")
+    return {
+        "user_id": user.id,
+        "organization_id": organization_id,
+        "directory_id": directory_id,
+        "email": user.email,
+        "given_name": user.given_name,
+        "family_name": user.family_name,
+        "preferred_username": user.preferred_username,
+        "active": True if active is None else bool(plain(active)),
+        "emails": sorted(user.emails),
+        "groups": [{"id": g.id, "name": g.display_name} for g in user.groups],
+        "updated_at": _time(user.updated_at),
+        "detail": orjson.Fragment(struct_json(user.user_detail)),
+    }
+
+
+def group_record(organization_id: str, directory_id: str, group) -> dict:
+    return {
+        "group_id": group.id,
+        "organization_id": organization_id,
+        "directory_id": directory_id,
+        "display_name": group.display_name,
+        "total_users": group.total_users,
+        "updated_at": _time(group.updated_at),
+        "detail": orjson.Fragment(struct_json(group.group_detail)),
+    }
+
+
+def _reason(exc: Exception) -> str:
+    """The SDK's message without anything that could carry a credential."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:300]
