@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # not at run time: the Dagster resource's module imports Dags
 log = logging.getLogger(__name__)
 
 LOAD_MEMORY_LIMIT = "128MB"
-LOAD_THREADS = 2
+LOAD_THREADS = 1  # per-organization statements are small: a second thread cost more CPU than it saved time
 MIN_ORGANIZATIONS_FOR_PROCESSES = 8
 
 
