@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable, Iterator
@@ -170,14 +171,23 @@ class DirectoryAPI:
             yield [group_record(organization_id, directory_id, g) for g in groups]
 
     def _pages(self, method_name: str, request, field: str) -> Iterator:
-        """The items of each page of a directory listing, following its opaque page tokens."""
-        while True:
-            page = self.call(method_name, "directory", request)
-            items = getattr(page, field)
-            yield items
-            if not page.next_page_token or not items:
-                return
-            request.page_token = page.next_page_token
+        """The items of each page of a directory listing, following its opaque page tokens.
+
+        The next page is requested as soon as a page's token is known, on a helper thread, while the caller turns
+        this page into records: still one call in flight per listing, but our work no longer adds to the wait for
+        every page."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="next-page") as prefetch:
+            pending = prefetch.submit(self.call, method_name, "directory", request)
+            while True:
+                page = pending.result()
+                items = getattr(page, field)
+                more = bool(page.next_page_token and items)
+                if more:
+                    request.page_token = page.next_page_token  # the call that used the old token has returned
+                    pending = prefetch.submit(self.call, method_name, "directory", request)
+                yield items
+                if not more:
+                    return
 
 
 def user_record(organization_id: str, directory_id: str, user) -> dict:

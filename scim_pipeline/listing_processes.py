@@ -6,6 +6,10 @@ second core sat idle. Worker processes (spawned: the parent runs gRPC threads, w
 organizations concurrently with the warehouse load in the parent, and use every core. Each has its own SDK client
 and ``threads`` threads, because listing is also latency-bound: one call in flight per thread.
 
+Starting a worker takes about a second (Python, then the SDK's imports and its login), which the parent does not
+wait out: each of its own ``processes * threads`` threads lists one organization meanwhile, with the SDK client it
+already has. A semaphore shared by every process keeps the organizations listed at once within that number.
+
 The parent sees ordinary futures (``submit(org) -> Future[Spool]``) that raise what ``list_organization`` raised
 (``NoDirectory``, ``ScalekitError``), so ``sync_organizations`` treats threads and processes alike. A worker that
 dies (killed, out of memory) fails the organizations still outstanding rather than leave them waiting forever, and
@@ -37,7 +41,7 @@ class ListingFailed(Exception):
     as it raises what a listing thread raised."""
 
 
-def _worker(config, backoff: Backoff, spool_root: Path, threads: int, tasks, results) -> None:
+def _worker(config, backoff: Backoff, spool_root: Path, threads: int, tasks, results, slots) -> None:
     """A worker process: ``threads`` threads take organization ids from ``tasks`` until a None each."""
     from scim_pipeline.directory_sync import NoDirectory, list_organization  # not at import: circular
 
@@ -48,7 +52,8 @@ def _worker(config, backoff: Backoff, spool_root: Path, threads: int, tasks, res
     def work() -> None:
         while (org := tasks.get()) is not None:
             try:
-                results.put((org, "ok", list_organization(api, org, spool_root)))
+                with slots:
+                    results.put((org, "ok", list_organization(api, org, spool_root)))
             except NoDirectory as exc:
                 results.put((org, "skipped", str(exc)))
             except ScalekitError as exc:
@@ -75,12 +80,13 @@ class ListingProcesses:
         ctx = multiprocessing.get_context("spawn")
         self._tasks = ctx.Queue()
         self._results = ctx.Queue()
+        self._slots = ctx.BoundedSemaphore(processes * threads)  # organizations listed at once, all processes
         self._futures: dict[str, Future] = {}
         self._lock = threading.Lock()
         self._threads = threads
         self._processes = [
             ctx.Process(target=_worker, args=(api.config, api.backoff, spool_root, threads, self._tasks,
-                                              self._results), name=f"scim-pipeline listing {i + 1}")
+                                              self._results, self._slots), name=f"scim-pipeline listing {i + 1}")
             for i in range(processes)
         ]
         for process in self._processes:
@@ -88,6 +94,9 @@ class ListingProcesses:
         self._collector = threading.Thread(target=self._collect, name="listing-results", daemon=True)
         self._closing = False
         self._collector.start()
+        self._starters = ThreadPoolExecutor(max_workers=processes * threads, thread_name_prefix="listing-start")
+        for _ in range(processes * threads):
+            self._starters.submit(self._list_one_here, api, spool_root)
 
     def submit(self, organization_id: str) -> Future:
         future: Future = Future()
@@ -95,6 +104,27 @@ class ListingProcesses:
             self._futures[organization_id] = future
         self._tasks.put(organization_id)
         return future
+
+    def _list_one_here(self, api: DirectoryAPI, spool_root: Path) -> None:
+        """List one organization in this process, while the workers start."""
+        from scim_pipeline.directory_sync import list_organization
+
+        try:
+            org = self._tasks.get(timeout=_POLL_S)
+        except queue.Empty:  # nothing submitted yet: the workers will take what comes
+            return
+        if org is None:  # a worker's stop sentinel: not ours to take
+            self._tasks.put(None)
+            return
+        with self._lock:
+            future = self._futures.pop(org, None)
+        if future is None:  # failed already (a worker died)
+            return
+        try:
+            with self._slots:
+                future.set_result(list_organization(api, org, spool_root))
+        except BaseException as exc:  # NoDirectory, ScalekitError or a bug: raised to the sync, as from a worker
+            future.set_exception(exc)
 
     def _collect(self) -> None:
         from scim_pipeline.directory_sync import NoDirectory
@@ -143,6 +173,7 @@ class ListingProcesses:
 
     def __exit__(self, *exc) -> None:
         self._closing = True
+        self._starters.shutdown(wait=True)
         for _ in range(len(self._processes) * self._threads):
             self._tasks.put(None)
         if exc[0] is not None:  # the parent is failing: do not wait for listings nobody will load

@@ -6,10 +6,10 @@ import os
 import signal
 import threading
 
-
 from scim_pipeline.config import settings
-from scim_pipeline.directory_sync import listing_processes_for, sync_organizations
 from scim_pipeline.directory_api import DirectoryAPI
+from scim_pipeline.directory_sync import listing_processes_for, sync_organizations
+from scim_pipeline.listing_processes import ListingProcesses
 from scim_pipeline.resources.warehouse import Warehouse
 from scim_pipeline_tests.emulator_support import RunningEmulator
 
@@ -86,3 +86,22 @@ def test_a_listing_process_that_dies_fails_what_was_left_and_the_next_sync_compl
         report, warehouse = _sync(home, processes=2)
         assert len(report.synced) == ORGS and not report.failed
         assert _tables(warehouse) == _truth(emulator)
+
+
+def test_the_parent_lists_while_the_workers_start(home, monkeypatch):
+    """Starting a worker takes about a second, which the parent spends listing one organization per slot: here
+    with its workers killed before they could list anything, exactly those organizations are listed."""
+    with RunningEmulator(home, orgs=ORGS, users_per_org=30, groups_per_org=2) as emulator:
+        emulator.apply_env(monkeypatch)
+        emulator.faults(latency_ms=100)  # each listing takes a few calls: well past the kill
+        api = DirectoryAPI(settings().scalekit())
+        orgs = sorted(o["organization_id"] for o in api.organizations())
+        with ListingProcesses(api, home / "spool", processes=1, threads=3) as lister:
+            for worker in multiprocessing.active_children():
+                os.kill(worker.pid, signal.SIGKILL)
+            futures = {lister.submit(org): org for org in orgs}
+            outcomes = {org: future.exception(timeout=60) for future, org in futures.items()}
+        listed = [org for org, error in outcomes.items() if error is None]
+        assert len(listed) == 3  # one for each of the 3 slots
+        assert all("listing process exited" in str(error) for error in outcomes.values() if error is not None)
+        assert all((home / "spool" / org / "users.ndjson").stat().st_size > 0 for org in listed)
