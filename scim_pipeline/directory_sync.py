@@ -37,16 +37,19 @@ class NoDirectory(Exception):
 def list_organization(api: DirectoryAPI, organization_id: str, spool_root: Path) -> Spool:
     """Stream one organization's enabled directories, users and groups to a spool."""
     spool = Spool.create(spool_root, organization_id, listed_at=utcnow())
-    directories = api.directories(organization_id)
-    spool.directories = directories
-    enabled = [d for d in directories if d["enabled"]]
-    if not enabled:
-        raise NoDirectory(f"{organization_id} has no enabled directory")
-    for directory in enabled:
-        for page in api.group_pages(organization_id, directory["directory_id"]):
-            spool.add_groups(page)
-        for page in api.user_pages(organization_id, directory["directory_id"]):
-            spool.add_users(page)
+    try:
+        directories = api.directories(organization_id)
+        spool.directories = directories
+        enabled = [d for d in directories if d["enabled"]]
+        if not enabled:
+            raise NoDirectory(f"{organization_id} has no enabled directory")
+        for directory in enabled:
+            for page in api.group_pages(organization_id, directory["directory_id"]):
+                spool.add_groups(page)
+            for page in api.user_pages(organization_id, directory["directory_id"]):
+                spool.add_users(page)
+    finally:
+        spool.close()
     return spool
 
 

@@ -13,7 +13,7 @@ import shutil
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Iterable
+from typing import BinaryIO, Iterable
 
 import duckdb
 import orjson
@@ -29,6 +29,9 @@ GROUP_COLUMNS = {
 }
 
 
+WRITE_BUFFER = 1 << 20  # bytes a spool file gathers before a write: about 700 users
+
+
 @dataclass
 class Spool:
     """One organization's listing on disk: users.ndjson and groups.ndjson, written page by page."""
@@ -39,6 +42,8 @@ class Spool:
     users: int = 0
     groups: int = 0
     directories: list[dict] = field(default_factory=list)
+    # Open while listing: opening the file for each page cost more than writing it.
+    _writers: dict[str, BinaryIO] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def create(cls, root: Path, organization_id: str, listed_at: datetime) -> "Spool":
@@ -52,9 +57,16 @@ class Spool:
     def _append(self, name: str, records: Iterable[dict]) -> int:
         lines = [orjson.dumps(r) for r in records]
         if lines:
-            with open(self.folder / name, "ab") as f:
-                f.write(b"\n".join(lines) + b"\n")
+            if (writer := self._writers.get(name)) is None:
+                writer = self._writers[name] = open(self.folder / name, "ab", buffering=WRITE_BUFFER)
+            writer.write(b"\n".join(lines) + b"\n")
         return len(lines)
+
+    def close(self) -> None:
+        """Flush and close the files: before loading them, and before the spool goes to another process."""
+        for writer in self._writers.values():
+            writer.close()
+        self._writers.clear()
 
     def add_users(self, records: list[dict]) -> None:
         self.users += self._append("users.ndjson", records)
@@ -90,6 +102,7 @@ class SnapshotCounts:
 
 def load_snapshot(con: duckdb.DuckDBPyConnection, spool: Spool, synced_at: datetime) -> SnapshotCounts:
     """Replace one organization's directory rows with its spooled snapshot. Call inside a transaction."""
+    spool.close()
     org = spool.organization_id
     listed_at = spool.listed_at
     con.execute("CREATE OR REPLACE TEMP TABLE stage_users AS SELECT * FROM " + _read_json(spool.folder / "users.ndjson", USER_COLUMNS))
