@@ -12,8 +12,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from scim_pipeline.listing_processes import ListingProcesses
 from scim_pipeline.directory_api import DirectoryAPI, ScalekitError
+from scim_pipeline.listing_processes import ListingProcesses
 from scim_pipeline.warehouse.directory import SnapshotCounts, Spool, load_snapshot, upsert_directories
 
 if TYPE_CHECKING:  # not at run time: the Dagster resource's module imports Dagster, which listing processes skip

@@ -1,8 +1,8 @@
 """Listing organizations in worker processes, each with its own threads: an executor for ``list_organization``.
 
-Turning each user's protobuf (its SCIM detail above all) into a warehouse record is Python work, about 150 us a user,
-and it holds the GIL: with threads alone, listing 100,000 users took 29 s of which the bare SDK needs 12, while a
-second core sat idle. Worker processes (spawned: the parent runs gRPC threads, which do not survive a fork) list
+Turning each user's protobuf into a warehouse record is Python work (about 30 us a user, its SCIM detail converted in
+C) that holds the GIL: with threads alone, one GIL serializes it with every page's gRPC handling while a second core
+sits idle. Worker processes (spawned: the parent runs gRPC threads, which do not survive a fork) list
 organizations concurrently with the warehouse load in the parent, and use every core. Each has its own SDK client
 and ``threads`` threads, because listing is also latency-bound: one call in flight per thread.
 

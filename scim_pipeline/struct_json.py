@@ -3,7 +3,7 @@
 Every listed user carries one, about 40 values deep and wide, and converting it was most of a full sync's CPU time:
 walking it through the Python protobuf API builds a wrapper object for every value (about 80 us a user, and
 ``json.dumps`` of the result another 30). The C extension ``_struct_json`` reads the Struct's wire bytes instead
-(about 6 us with serializing them). ``struct_json_py`` is the same conversion in Python: the fallback where the
+(about 10 us, serializing them included). ``struct_json_py`` is the same conversion in Python: the fallback where the
 extension was not built, and the reference the tests hold the extension to.
 
 Keys are sorted so that the text is canonical: a server may serialize a map in any order, and the warehouse compares
@@ -20,7 +20,7 @@ from google.protobuf import struct_pb2
 
 try:
     from scim_pipeline._struct_json import struct_json as _struct_json_c
-except ImportError:  # installed without a C compiler: the same text, about twenty times slower
+except ImportError:  # installed without a C compiler: the same text, several times slower
     _struct_json_c = None
 
 COMPILED = _struct_json_c is not None
