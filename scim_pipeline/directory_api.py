@@ -192,7 +192,8 @@ class DirectoryAPI:
 
 def user_record(organization_id: str, directory_id: str, user) -> dict:
     """A user as a warehouse record; its SCIM detail is JSON text (written into the record's JSON as is)."""
-    active = user.user_detail.fields.get("active")
+    detail = user.user_detail
+    active = detail.fields.get("active")
     return {
         "user_id": user.id,
         "organization_id": organization_id,
@@ -205,7 +206,7 @@ def user_record(organization_id: str, directory_id: str, user) -> dict:
         "emails": sorted(user.emails),
         "groups": [{"id": g.id, "name": g.display_name} for g in user.groups],
         "updated_at": _time(user.updated_at),
-        "detail": orjson.Fragment(struct_json(user.user_detail)),
+        "detail": orjson.Fragment(struct_json(detail)),
     }
 
 

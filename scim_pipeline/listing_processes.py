@@ -118,9 +118,6 @@ class ListingProcesses:
             org = self._tasks.get(timeout=_POLL_S)
         except queue.Empty:  # nothing submitted yet: the workers will take what comes
             return
-        if org is None:  # a worker's stop sentinel: not ours to take
-            self._tasks.put(None)
-            return
         with self._lock:
             future = self._futures.pop(org, None)
         if future is None:  # failed already (a worker died)
@@ -178,7 +175,7 @@ class ListingProcesses:
 
     def __exit__(self, *exc) -> None:
         self._closing = True
-        self._starters.shutdown(wait=True)
+        self._starters.shutdown(wait=True)  # before the workers' stop sentinels, so that no starter takes one
         for _ in range(len(self._processes) * self._threads):
             self._tasks.put(None)
         if exc[0] is not None:  # the parent is failing: do not wait for listings nobody will load

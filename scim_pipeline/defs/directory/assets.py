@@ -13,9 +13,9 @@ import dagster as dg
 from scim_pipeline.config import settings
 from scim_pipeline.defs.metadata import count, preview
 from scim_pipeline.defs.partitions import WAREHOUSE_POOL, organizations_partitions
+from scim_pipeline.directory_api import ScalekitError
 from scim_pipeline.directory_sync import sync_organizations, utcnow
 from scim_pipeline.receiver.inbox import Inbox
-from scim_pipeline.directory_api import ScalekitError
 from scim_pipeline.resources.scalekit import ScalekitResource
 from scim_pipeline.resources.warehouse import WarehouseResource
 from scim_pipeline.warehouse.directory import upsert_directories, upsert_organizations
