@@ -1,10 +1,10 @@
 """The one C extension; everything else is in pyproject.toml.
 
-``_struct_json`` turns a user's SCIM detail (a protobuf Struct) into JSON, the hot loop of a full sync. It is
-optional: without a compiler the package installs all the same and uses the same conversion in Python
-(``scim_pipeline/struct_json.py``).
+``_records`` turns pages of Scalekit's directory users, as they came off the wire, into the warehouse's records: the
+hot loop of a full sync. It is optional: without a compiler the package installs all the same and uses the same
+conversion in Python (``scim_pipeline/records.py``).
 """
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("scim_pipeline._struct_json", ["scim_pipeline/_struct_json.c"], optional=True)])
+setup(ext_modules=[Extension("scim_pipeline._records", ["scim_pipeline/_records.c"], optional=True)])

@@ -1,6 +1,7 @@
 """Loading a directory snapshot is idempotent: the same listing loaded again changes no row."""
 
 from datetime import datetime, timedelta
+from scim_pipeline.records import Page
 from scim_pipeline.resources.warehouse import Warehouse
 from scim_pipeline.warehouse.directory import Spool, load_snapshot
 
@@ -21,9 +22,9 @@ def test_loading_the_same_snapshot_twice_changes_nothing(tmp_path):
     for n in range(3):
         t = datetime(2026, 1, 2) + timedelta(hours=n)
         spool = Spool.create(tmp_path / "spool", "org_1", t)
-        spool.add_groups(groups)
+        spool.add_groups(Page.of(groups))
         for k in range(0, 300, 30):
-            spool.add_users(users[k:k + 30])
+            spool.add_users(Page.of(users[k:k + 30]))
         with wh.write() as con:
             load_snapshot(con, spool, t)
         with wh.read() as con:

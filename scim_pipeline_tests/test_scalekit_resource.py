@@ -14,9 +14,9 @@ def list_everything(api: DirectoryAPI) -> dict:
     for org in api.organizations():
         for d in api.directories(org["organization_id"]):
             for page in api.user_pages(org["organization_id"], d["directory_id"]):
-                users.update({u["user_id"]: u for u in page})
+                users.update({u["user_id"]: u for u in page.records()})
             for page in api.group_pages(org["organization_id"], d["directory_id"]):
-                groups.update({g["group_id"]: g for g in page})
+                groups.update({g["group_id"]: g for g in page.records()})
     return {"users": users, "groups": groups}
 
 

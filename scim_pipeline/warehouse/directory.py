@@ -13,10 +13,11 @@ import shutil
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import BinaryIO
 
 import duckdb
-import orjson
+
+from scim_pipeline.records import Page
 
 USER_COLUMNS = {
     "user_id": "VARCHAR", "organization_id": "VARCHAR", "directory_id": "VARCHAR", "email": "VARCHAR",
@@ -54,13 +55,12 @@ class Spool:
         (folder / "groups.ndjson").touch()
         return cls(folder, organization_id, listed_at)
 
-    def _append(self, name: str, records: Iterable[dict]) -> int:
-        lines = [orjson.dumps(r) for r in records]
-        if lines:
+    def _append(self, name: str, page: Page) -> int:
+        if page.count:
             if (writer := self._writers.get(name)) is None:
                 writer = self._writers[name] = open(self.folder / name, "ab", buffering=WRITE_BUFFER)
-            writer.write(b"\n".join(lines) + b"\n")
-        return len(lines)
+            writer.write(page.lines)
+        return page.count
 
     def close(self) -> None:
         """Flush and close the files: before loading them, and before the spool goes to another process."""
@@ -68,11 +68,11 @@ class Spool:
             writer.close()
         self._writers.clear()
 
-    def add_users(self, records: list[dict]) -> None:
-        self.users += self._append("users.ndjson", records)
+    def add_users(self, page: Page) -> None:
+        self.users += self._append("users.ndjson", page)
 
-    def add_groups(self, records: list[dict]) -> None:
-        self.groups += self._append("groups.ndjson", records)
+    def add_groups(self, page: Page) -> None:
+        self.groups += self._append("groups.ndjson", page)
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
