@@ -61,6 +61,7 @@ class Faults:
     latency_ms: int = 0
     rate_limit_every: int = 0
     unavailable_every: int = 0
+    malformed_page_every: int = 0  # every Nth page of directory users is cut short: a reply that is not protobuf
     expire_tokens: bool = False
     webhook_drop_rate: float = 0.0
     webhook_duplicate_rate: float = 0.0
@@ -83,6 +84,7 @@ class FaultInjector:
         self.faults = Faults()
         self._lock = threading.Lock()
         self._calls = 0
+        self._user_pages = 0
 
     def update(self, settings: dict) -> Faults:
         known = {f.name: f for f in fields(Faults)}
@@ -110,7 +112,7 @@ class FaultInjector:
                 self.tokens.expire_all()
                 new.expire_tokens = False
             self.faults = new
-            self._calls = 0  # "every Nth call" counts from the moment the fault is set
+            self._calls = self._user_pages = 0  # "every Nth" counts from the moment the fault is set
         return new
 
     def on_call(self) -> tuple[str | None, float]:
@@ -126,3 +128,13 @@ class FaultInjector:
         elif f.rate_limit_every and n % f.rate_limit_every == 0:
             failure = "RESOURCE_EXHAUSTED"
         return failure, f.latency_ms / 1000.0
+
+    def malformed(self, page: bytes) -> bytes:
+        """A page of directory users as sent: cut in the middle of a user when the fault says so."""
+        every = self.faults.malformed_page_every
+        if not every:
+            return page
+        with self._lock:
+            self._user_pages += 1
+            n = self._user_pages
+        return page[:len(page) // 2] if n % every == 0 else page

@@ -292,7 +292,7 @@ class DirectoryService(dgrpc.DirectoryServiceServicer):
                     ahead = upcoming
         if ahead:
             self._read_ahead(d, group_id, updated_after, ahead, request.include_detail)
-        return page
+        return self.edge.faults.malformed(page)
 
     def _read_ahead(self, d: Directory, group_id: str, updated_after: int, users: list[User], detail: bool) -> None:
         """Build the next pages' entries in the background while this page travels and the client parses it: a

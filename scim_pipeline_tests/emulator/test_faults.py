@@ -10,7 +10,7 @@ from scim_pipeline_tests.emulator_support import RunningEmulator, emulator_fixtu
 # Faults do not change the data: one emulator serves the module, with every fault switched off after each test.
 emulator = emulator_fixture(scope="module", seed=5, orgs=2, users_per_org=20, groups_per_org=4)
 
-ALL_OFF = dict(latency_ms=0, rate_limit_every=0, unavailable_every=0, webhook_drop_rate=0, webhook_duplicate_rate=0,
+ALL_OFF = dict(latency_ms=0, rate_limit_every=0, unavailable_every=0, malformed_page_every=0, webhook_drop_rate=0, webhook_duplicate_rate=0,
                webhook_reorder_window=0, webhook_delay_ms=0)
 
 

@@ -125,6 +125,26 @@ def test_an_organization_without_an_enabled_directory_is_skipped_and_the_others_
     assert summary["organizations"] == 2
 
 
+@pytest.mark.world(users_per_org=45)  # two pages of users an organization
+def test_a_page_scalekit_cut_short_fails_its_organization_clearly_and_loses_nothing(world):
+    run_sync(say=lambda _: None)
+    state = world.emulator.state()
+    renamed = {o["id"]: o["users"][0]["id"] for o in state["organizations"]}
+    world.emulator.mutate([{"op": "update_user", "user_id": u, "changes": {"given_name": "Renamed"}}
+                           for u in renamed.values()])
+    world.emulator.faults(malformed_page_every=6)  # one page of the six listed
+    summary = run_sync(say=lambda _: None)
+    (failed, error), = summary["failed"].items()
+    assert "could not be read" in error and "not a ListDirectoryUsersResponse" in error
+    given = {u.user_id: u.given_name for u in warehouse_users().values()}
+    assert all((given[u] == "Renamed") == (org != failed) for org, u in renamed.items())
+    assert query(f"SELECT count(*) AS n FROM directory_users WHERE organization_id = '{failed}' "
+                 "AND deleted_at IS NULL").n[0] == 45  # the failed organization's rows are as they were
+    world.emulator.faults(malformed_page_every=0)
+    run_sync(say=lambda _: None)
+    assert all(u.given_name == "Renamed" for u in warehouse_users().values() if u.user_id in renamed.values())
+
+
 def test_unreachable_scalekit_and_bad_credentials_fail_with_one_clear_line(world, monkeypatch, capsys):
     from scim_pipeline.cli import main
 
