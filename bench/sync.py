@@ -6,13 +6,12 @@ Starts the emulator (in a temporary home, on 127.0.0.1) with ``--orgs`` organiza
 
 - baseline: ``ScalekitClient`` + ``core_client.grpc_exec`` listing every organization's directories, groups and
   users (30 a page, with detail, as the pipeline asks), ``--workers`` organizations at a time, data discarded;
-- pipeline: ``sync_organizations`` with the same ``workers`` into a fresh DuckDB file (listing in worker processes,
-  as it does for 8 or more organizations); the time spent inside the warehouse's write transactions is measured
-  from outside (a ``Warehouse`` whose ``write`` is timed).
+- pipeline: ``sync_organizations`` with the same ``workers`` into a fresh DuckDB file; the time spent inside the
+  warehouse's write transactions is measured from outside (a ``Warehouse`` whose ``write`` is timed).
 
-Each side's best round counts (the machines this runs on are shared and noisy); CPU seconds of this process and its
-listing processes are shown too. Then the warehouse write alone: the same organizations spooled first (latency off), then loaded one transaction
-each into a fresh file with nothing else running. Last, peak memory: a child process syncs ONE organization of
+Each side's best round counts (the machines this runs on are shared and noisy); CPU seconds of each side and of the
+emulator are shown too. Then the warehouse write alone: the same organizations spooled first (latency off), then
+loaded one transaction each into a fresh file with nothing else running. Last, peak memory: a child process syncs ONE organization of
 ``--big-users`` users (no latency) and reports its own RSS after imports and its high-water mark (VmHWM).
 
     python bench/sync.py [--orgs 50] [--users 2000] [--latency-ms 20] [--big-users 200000] [--workers 8]
@@ -52,9 +51,9 @@ def proc_status_mb(field: str) -> float:
 
 
 def cpu_seconds() -> float:
-    """This process's CPU time and its finished children's (the pipeline's listing processes, once joined)."""
-    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
-                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
+    """This process's CPU time."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def process_cpu_seconds(pid: int) -> float:

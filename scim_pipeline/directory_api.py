@@ -1,5 +1,5 @@
 """Scalekit's Directory API through the official SDK: paging, backoff, and pages as warehouse records (``records``).
-Plain Python without Dagster (the resource is ``resources/scalekit.py``), so that listing processes start quickly.
+Plain Python without Dagster (the resource is ``resources/scalekit.py``).
 
 The SDK's ``list_directory_users``/``list_directory_groups`` wrappers break on any non-empty page, so pages are read
 through the SDK's own execution path, ``core_client.grpc_exec``, which keeps its authentication (re-login after

@@ -4,7 +4,6 @@ organization into the warehouse in its own transaction. Plain functions; the Dag
 from __future__ import annotations
 
 import logging
-import os
 import queue
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -13,17 +12,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from scim_pipeline.directory_api import DirectoryAPI, ScalekitError
-from scim_pipeline.listing_processes import ListingProcesses
 from scim_pipeline.warehouse.directory import SnapshotCounts, Spool, load_snapshot, upsert_directories
 
-if TYPE_CHECKING:  # not at run time: the Dagster resource's module imports Dagster, which listing processes skip
+if TYPE_CHECKING:  # the Dagster resource's module: these plain functions do not need Dagster at run time
     from scim_pipeline.resources.warehouse import Warehouse
 
 log = logging.getLogger(__name__)
 
 LOAD_MEMORY_LIMIT = "128MB"
 LOAD_THREADS = 1  # per-organization statements are small: a second thread cost more CPU than it saved time
-MIN_ORGANIZATIONS_FOR_PROCESSES = 8
 
 
 def utcnow() -> datetime:
@@ -70,12 +67,9 @@ def sync_organizations(
     spool_root: Path,
     workers: int = 8,
     progress: Callable[[str], None] = log.info,
-    processes: int | None = None,
 ) -> SyncReport:
-    """List every organization (``workers`` at a time) and load each as soon as it is listed.
+    """List every organization (``workers`` at a time, in threads) and load each as soon as it is listed.
 
-    Listing runs in this process's threads, or with ``processes`` > 0 in that many worker processes sharing the
-    ``workers`` threads (see ``listing_processes``); None chooses (``listing_processes_for``).
     One organization failing (or having no directory) never stops the others; a Scalekit that refuses our
     credentials or cannot be reached at all is raised at once, since no organization can succeed."""
     report = SyncReport()
@@ -128,42 +122,30 @@ def sync_organizations(
                 return spool
         return None
 
-    workers = max(1, min(workers, total or 1))
-    processes = listing_processes_for(total, workers) if processes is None else min(processes, workers)
-    if processes > 0:
-        lister = ListingProcesses(api, spool_root, processes, threads=-(-workers // processes))
-        submit = lister.submit
-    else:
-        lister = ThreadPoolExecutor(max_workers=workers)
-        submit = lambda org: lister.submit(list_organization, api, org, spool_root)  # noqa: E731
-    with lister:
-        futures = {submit(org): org for org in organization_ids}
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, total or 1)), thread_name_prefix="listing") as lister:
+        futures = {lister.submit(list_organization, api, org, spool_root): org for org in organization_ids}
         for future in futures:
             future.add_done_callback(listed.put)
         remaining = len(futures)
-        while remaining:
-            # Listing goes on in the pool while this thread holds the warehouse. Opening, checkpointing and closing
-            # DuckDB costs more than loading a small organization, so every organization already listed is loaded
-            # through the same connection, one transaction each; the lock is released as soon as none is waiting.
-            spool = take(listed.get())
-            remaining -= 1
-            if spool is None:
-                continue
-            with warehouse.write() as con:
-                tune(con)
-                while spool is not None:
-                    load(con, spool)
-                    spool = next_ready()
+        try:
+            while remaining:
+                # Listing goes on in the pool while this thread holds the warehouse. Opening, checkpointing and
+                # closing DuckDB costs more than loading a small organization, so every organization already listed
+                # is loaded through the same connection, one transaction each; the lock is released as soon as none
+                # is waiting.
+                spool = take(listed.get())
+                remaining -= 1
+                if spool is None:
+                    continue
+                with warehouse.write() as con:
+                    tune(con)
+                    while spool is not None:
+                        load(con, spool)
+                        spool = next_ready()
+        except BaseException:
+            lister.shutdown(wait=False, cancel_futures=True)  # list no more organizations that nobody will load
+            raise
     return report
-
-
-def listing_processes_for(organizations: int, workers: int) -> int:
-    """Worker processes for listing: one per core (up to 4) when there are enough organizations to keep them busy;
-    none (threads only) for a few, where starting processes (about a second each) costs more than it saves."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if cores < 2 or organizations < MIN_ORGANIZATIONS_FOR_PROCESSES:
-        return 0
-    return min(cores, 4, workers)
 
 
 def tune(con) -> None:

@@ -63,7 +63,7 @@ class Spool:
         return page.count
 
     def close(self) -> None:
-        """Flush and close the files: before loading them, and before the spool goes to another process."""
+        """Flush and close the files: when the listing ends, and before loading them."""
         for writer in self._writers.values():
             writer.close()
         self._writers.clear()

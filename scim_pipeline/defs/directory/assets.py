@@ -60,9 +60,6 @@ class DirectorySnapshotConfig(dg.Config):
     up_to_seq: int = 0  # events mode: apply this organization's inbox events up to this sequence number (0: all)
     after_seq: int = 0  # events mode: start reading the inbox after this sequence number
     workers: int = 8  # full mode: organizations listed at once
-    # full mode: worker processes that list (sharing the workers); -1 chooses: one per core (up to 4) for 8+
-    # organizations, none for fewer. 0 lists in the run's own threads (least memory).
-    listing_processes: int = -1
 
 
 @dg.multi_asset(
@@ -91,7 +88,6 @@ def directory_snapshot(
         try:
             report = sync_organizations(
                 scalekit.api(), wh, orgs, settings().home / "spool", workers=config.workers, progress=context.log.info,
-                processes=None if config.listing_processes < 0 else config.listing_processes,
             )
         except ScalekitError as exc:
             raise dg.Failure(description=str(exc)) from exc
