@@ -1,6 +1,6 @@
 """Scalekit's directory messages as the warehouse's records: pages of users and groups as NDJSON lines.
 
-A full sync converts every user of every directory, and that conversion was most of a listing process's CPU: parsing
+A full sync converts every user of every directory, and that conversion was most of a full sync's CPU: parsing
 a page into Python protobuf objects and walking each user's SCIM detail (a ``Struct`` of about 40 values) builds a
 wrapper for every value. The C extension ``_records`` reads a page of users as it came off the wire instead and
 writes its lines directly, about ten times faster. ``users_page_py`` is the same conversion in Python (protobuf's

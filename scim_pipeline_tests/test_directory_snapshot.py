@@ -35,3 +35,22 @@ def test_loading_the_same_snapshot_twice_changes_nothing(tmp_path):
             ))
     assert states[0] == states[1] == states[2]
     assert len(states[0][1]) == 600 and len(states[0][0]) == 5
+
+
+def test_a_user_listed_twice_is_loaded_once_as_most_recently_updated(tmp_path):
+    """A directory that changes while it is paged through can show an entry twice."""
+    wh = Warehouse(tmp_path / "w.duckdb")
+    group = {"group_id": "dirgroup_0", "organization_id": "org_1", "directory_id": "dir_1", "display_name": "G",
+             "total_users": 1, "updated_at": datetime(2026, 1, 1), "detail": {}}
+    older, newer = user(1, ["dirgroup_0"]), {**user(1, ["dirgroup_0"]), "email": "new@x.io",
+                                             "updated_at": datetime(2026, 1, 2)}
+    spool = Spool.create(tmp_path / "spool", "org_1", datetime(2026, 1, 3))
+    spool.add_groups(Page.of([group, group]))
+    spool.add_users(Page.of([newer, user(2, [])]))
+    spool.add_users(Page.of([older]))
+    with wh.write() as con:
+        counts = load_snapshot(con, spool, datetime(2026, 1, 3))
+    assert (counts.users, counts.users_new, counts.groups, counts.memberships) == (2, 2, 1, 1)
+    with wh.read() as con:
+        assert con.execute("SELECT user_id, email FROM directory_users ORDER BY 1").fetchall() == [
+            ("diruser_1", "new@x.io"), ("diruser_2", "u2@x.io")]

@@ -107,6 +107,8 @@ def load_snapshot(con: duckdb.DuckDBPyConnection, spool: Spool, synced_at: datet
     listed_at = spool.listed_at
     con.execute("CREATE OR REPLACE TEMP TABLE stage_users AS SELECT * FROM " + _read_json(spool.folder / "users.ndjson", USER_COLUMNS))
     con.execute("CREATE OR REPLACE TEMP TABLE stage_groups AS SELECT * FROM " + _read_json(spool.folder / "groups.ndjson", GROUP_COLUMNS))
+    users = _once_each(con, "stage_users", "user_id")
+    groups = _once_each(con, "stage_groups", "group_id")
     fresh = FRESH
 
     # Comparing every column of the existing rows would scan the whole table (the SCIM detail of every user of
@@ -217,10 +219,24 @@ def load_snapshot(con: duckdb.DuckDBPyConnection, spool: Spool, synced_at: datet
     con.execute("DROP TABLE stage_users")
     con.execute("DROP TABLE stage_groups")
     return SnapshotCounts(
-        users=spool.users, users_new=users_new, users_changed=users_changed, users_deleted=users_deleted,
-        groups=spool.groups, groups_new=groups_new, groups_changed=groups_changed, groups_deleted=groups_deleted,
+        users=users, users_new=users_new, users_changed=users_changed, users_deleted=users_deleted,
+        groups=groups, groups_new=groups_new, groups_changed=groups_changed, groups_deleted=groups_deleted,
         memberships=memberships,
     )
+
+
+def _once_each(con: duckdb.DuckDBPyConnection, stage: str, key: str) -> int:
+    """Keep one row per id in a staged listing, the most recently updated, and return how many there are. A page
+    token is a position in a directory that can change while it is paged through, so a listing may show an entry
+    twice; the warehouse's key admits it once."""
+    rows, distinct = con.execute(f"SELECT count(*), count(DISTINCT {key}) FROM {stage}").fetchone()
+    if rows != distinct:
+        con.execute(f"""
+            DELETE FROM {stage} WHERE rowid IN (
+                SELECT rowid FROM {stage}
+                QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY updated_at DESC NULLS LAST, rowid DESC) > 1)
+        """)
+    return distinct
 
 
 def _tombstone_absent(con: duckdb.DuckDBPyConnection, table: str, key: str, stage: str, org: str,
