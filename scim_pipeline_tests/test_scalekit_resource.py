@@ -2,8 +2,10 @@
 
 import pytest
 
+from scim_pipeline import records
 from scim_pipeline.config import settings
 from scim_pipeline.directory_api import Backoff, DirectoryAPI, ScalekitError
+from scim_pipeline.directory_sync import list_organization
 from scim_pipeline_tests.emulator_support import emulator_fixture
 
 emulator = emulator_fixture(seed=21, orgs=2, users_per_org=70, groups_per_org=5)
@@ -49,3 +51,14 @@ def test_refused_credentials_and_unreachable_scalekit_are_named(emulator, monkey
     with pytest.raises(ScalekitError, match="refused the client credentials") as info:
         list(DirectoryAPI(settings().scalekit()).organizations())
     assert "not-the-secret" not in str(info.value)
+
+
+def test_without_the_c_extension_a_listing_writes_the_same_spool(emulator, tmp_path, monkeypatch):
+    api = DirectoryAPI(settings().scalekit())
+    org = next(api.organizations())["organization_id"]
+    compiled = list_organization(api, org, tmp_path / "c")
+    monkeypatch.setattr(records, "_records", None)  # as installed without a C compiler
+    fallback = list_organization(api, org, tmp_path / "py")
+    assert (compiled.users, compiled.groups) == (fallback.users, fallback.groups) == (70, 5)
+    for name in ("users.ndjson", "groups.ndjson"):
+        assert (compiled.folder / name).read_bytes() == (fallback.folder / name).read_bytes()
