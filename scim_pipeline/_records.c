@@ -514,7 +514,8 @@ static int timestamp(Out *o, Span ts) {
     int64_t z = days + 719468, era = floor_div(z, 146097);
     int64_t doe = z - era * 146097, yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
     int64_t doy = doe - (365 * yoe + yoe / 4 - yoe / 100), mp = (5 * doy + 2) / 153;
-    int64_t day = doy - (153 * mp + 2) / 5 + 1, month = mp < 10 ? mp + 3 : mp - 9, year = yoe + era * 400 + (month <= 2);
+    int64_t day = doy - (153 * mp + 2) / 5 + 1, month = mp < 10 ? mp + 3 : mp - 9;
+    int64_t year = yoe + era * 400 + (month <= 2);
     int64_t second = rest / 1000000, micro = rest % 1000000;
     char text[40];
     int n = snprintf(text, sizeof text, "\"%04d-%02d-%02dT%02d:%02d:%02d", (int)year, (int)month, (int)day,
@@ -560,7 +561,8 @@ static int user(Out *o, const uint8_t *p, size_t n, Span organization, Span dire
     size_t len = 0;
     uint64_t scalar;
     const Span empty = {(const uint8_t *)"", 0};
-    Span text[6] = {empty, empty, empty, empty, empty, empty}; /* by field number: id, email, preferred, given, family */
+    /* the string fields by number: 1 id, 2 email, 3 preferred_username, 4 given_name, 5 family_name */
+    Span text[6] = {empty, empty, empty, empty, empty, empty};
     Spans updated, emails, groups, detail;
     uint8_t *updated_owned = NULL, *detail_owned = NULL;
     int rc = -1, active;

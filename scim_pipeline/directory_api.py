@@ -5,9 +5,9 @@ The SDK's ``list_directory_users``/``list_directory_groups`` wrappers break on a
 through the SDK's own execution path, ``core_client.grpc_exec``, which keeps its authentication (re-login after
 ``UNAUTHENTICATED``) and its exceptions. Pages of users and groups are asked for on the SDK's channel through a
 method that leaves the reply as bytes: ``records`` converts those bytes directly, which costs a fraction of building
-the Python objects first. Rate limits surface at once from the SDK; backing off is ours, with full
-jitter and a bounded budget. UNAVAILABLE is retried here too (``retry_on_unavailable=False`` stops the SDK's own
-fixed 1-2 s sleeps from stacking under ours).
+the Python objects first. Rate limits surface at once from the SDK; backing off is ours, with full jitter and a
+bounded budget. UNAVAILABLE is retried here too (``retry_on_unavailable=False`` stops the SDK's own fixed 1-2 s
+sleeps from stacking under ours).
 """
 
 from __future__ import annotations
@@ -97,7 +97,12 @@ class DirectoryAPI:
         _, errors, _, _ = _sdk()
         retryable = (errors.ScalekitTooManyRequestsException, errors.ScalekitServiceUnavailableException)
         client = self.client
-        method = self._raw_method(method_name, request) if raw else getattr(self._stub(service), method_name).with_call
+        if raw:
+            method = self._raw_method(method_name, request)
+        elif service == "directory":
+            method = getattr(client.directory.directory_service, method_name).with_call
+        else:
+            method = getattr(client.organization.organization_service, method_name).with_call
         for attempt in range(self.backoff.attempts):
             self.calls += 1
             try:
@@ -115,10 +120,6 @@ class DirectoryAPI:
             except errors.ScalekitException as exc:
                 raise ScalekitError(f"Scalekit call {method_name} failed: {_reason(exc)}") from exc
         raise AssertionError("unreachable")
-
-    def _stub(self, service: str):
-        client = self.client
-        return client.directory.directory_service if service == "directory" else client.organization.organization_service
 
     def _raw_method(self, method_name: str, request):
         """The directory service's method on the SDK's own channel, with the reply left as bytes."""
@@ -170,14 +171,16 @@ class DirectoryAPI:
         )
         if updated_after is not None:
             request.updated_after.FromDatetime(updated_after.replace(tzinfo=timezone.utc))
-        return self._pages("ListDirectoryUsers", request, lambda data: records.users_page(data, organization_id, directory_id))
+        return self._pages("ListDirectoryUsers", request,
+                           lambda data: records.users_page(data, organization_id, directory_id))
 
     def group_pages(self, organization_id: str, directory_id: str) -> Iterator[Page]:
         """Every group of a directory, one page at a time, as warehouse records."""
         request = _sdk()[2].ListDirectoryGroupsRequest(
             organization_id=organization_id, directory_id=directory_id, page_size=PAGE_SIZE, include_detail=True
         )
-        return self._pages("ListDirectoryGroups", request, lambda data: records.groups_page(data, organization_id, directory_id))
+        return self._pages("ListDirectoryGroups", request,
+                           lambda data: records.groups_page(data, organization_id, directory_id))
 
     def _pages(self, method_name: str, request, convert: Callable[[bytes], Page]) -> Iterator[Page]:
         """Each page of a directory listing, following its opaque page tokens."""

@@ -76,7 +76,8 @@ def test_repeated_keys_and_unknown_fields_read_as_protobuf_reads_them():
 
 def test_non_finite_numbers_become_null_because_json_has_none():
     struct = to_struct({"nan": math.nan, "inf": math.inf, "ninf": -math.inf, "x": 1})
-    assert records.struct_json(struct) == records.struct_json_py(struct) == '{"inf":null,"nan":null,"ninf":null,"x":1.0}'
+    expected = '{"inf":null,"nan":null,"ninf":null,"x":1.0}'
+    assert records.struct_json(struct) == records.struct_json_py(struct) == expected
 
 
 def test_bytes_that_are_not_a_struct_are_a_clear_error():
@@ -113,7 +114,7 @@ def _split_fields(data: bytes) -> list[bytes]:
     return fields
 
 
-# --- pages of users ----------------------------------------------------------------------------------------------------
+# --- pages of users --------------------------------------------------------------------------------------------------
 
 ACTIVE = [True, False, None, 0, 1.5, -0.0, math.nan, math.inf, "", "no", {}, {"a": 1}, [], [0]]
 TIMES = [(0, 0), (0, 5000), (1700000000, 123456789), (1700000000, 999), (-1, 0), (-86400 * 365 * 1000, 999999999),
@@ -127,7 +128,8 @@ def random_user(rng: random.Random, i: int) -> pb.DirectoryUser:
         emails=[rng.choice(WORDS) + "@x.io" for _ in range(rng.randint(0, 3))],  # any order, maybe repeated
     )
     for g in range(rng.randint(0, 3)):
-        user.groups.add(id=f"dirgroup_{g}{rng.choice(WORDS)}", display_name=rng.choice(WORDS), total_users=rng.randint(-2, 9))
+        user.groups.add(id=f"dirgroup_{g}{rng.choice(WORDS)}", display_name=rng.choice(WORDS),
+                        total_users=rng.randint(-2, 9))
     if rng.random() < 0.9:
         user.updated_at.seconds, user.updated_at.nanos = rng.choice(TIMES)
     detail = random_object(rng, 1)
@@ -205,7 +207,8 @@ def test_known_fields_sent_with_another_wire_type_are_skipped_as_protobuf_skips_
     value = struct_pb2.Value(string_value="kept").SerializeToString() + b"\x1d" + bytes(4)  # string_value as fixed32
     entry = b"\x0a\x01k\x12" + _varint(len(value)) + value
     struct = b"\x0a" + _varint(len(entry)) + entry + b"\x08\x01"  # and a map entry as a varint
-    assert _records.struct_json(struct) == records.struct_json_py(struct_pb2.Struct.FromString(struct)) == '{"k":"kept"}'
+    reference = records.struct_json_py(struct_pb2.Struct.FromString(struct))
+    assert _records.struct_json(struct) == reference == '{"k":"kept"}'
 
 
 def test_a_page_that_is_not_one_is_a_clear_error_from_both():
