@@ -11,8 +11,9 @@ Starts the emulator (in a temporary home, on 127.0.0.1) with ``--orgs`` organiza
 
 Each side's best round counts (the machines this runs on are shared and noisy); CPU seconds of each side and of the
 emulator are shown too. Then the warehouse write alone: the same organizations spooled first (latency off), then
-loaded one transaction each into a fresh file with nothing else running. Last, peak memory: a child process syncs ONE organization of
-``--big-users`` users (no latency) and reports its own RSS after imports and its high-water mark (VmHWM).
+loaded one transaction each into a fresh file with nothing else running. Last, peak memory: a child process syncs
+ONE organization of ``--big-users`` users (no latency) and reports its own RSS after imports and its high-water
+mark (VmHWM).
 
     python bench/sync.py [--orgs 50] [--users 2000] [--latency-ms 20] [--big-users 200000] [--workers 8]
                          [--repeat 3] [--dagster] [--quick]
