@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install test demo dev bench clean
 
-$(STAMP): pyproject.toml setup.py scim_pipeline/_records.c
+$(STAMP): pyproject.toml setup.py scim_pipeline/scalekit/_records.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'

@@ -30,9 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx  # noqa: E402
 from scalekit.v1.directories.directories_pb2 import ListDirectoryUsersRequest  # noqa: E402
 
-from scim_pipeline import config, services  # noqa: E402
-from scim_pipeline.emulator.grpc_services import user_entry, user_page_bytes  # noqa: E402
-from scim_pipeline.emulator.synthetic import generate  # noqa: E402
+from scim_pipeline import config  # noqa: E402
+from scim_pipeline.devstack import services  # noqa: E402
+from scim_pipeline.devstack.emulator.grpc_services import user_entry, user_page_bytes  # noqa: E402
+from scim_pipeline.devstack.emulator.synthetic import generate  # noqa: E402
 
 METHOD = "/scalekit.v1.directories.DirectoryService/ListDirectoryUsers"
 

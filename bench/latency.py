@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx  # noqa: E402
 
 from scim_pipeline.receiver.inbox import Inbox  # noqa: E402
-from scim_pipeline.services import free_port  # noqa: E402
-from scim_pipeline.stack import Stack  # noqa: E402
+from scim_pipeline.devstack.services import free_port  # noqa: E402
+from scim_pipeline.devstack.stack import Stack  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -42,7 +42,8 @@ def main() -> int:
     for var in ("SCALEKIT_ENVIRONMENT_URL", "SCIM_PIPELINE_APP_URL", "DAGSTER_HOME"):
         os.environ.pop(var, None)
     os.environ["SCIM_PIPELINE_HOME"] = str(home)
-    from scim_pipeline.commands import dagster_instance, run_sync
+    from scim_pipeline.commands import run_sync
+    from scim_pipeline.defs.instance import dagster_instance
 
     with Stack(home) as stack:
         port = free_port()

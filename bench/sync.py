@@ -81,7 +81,7 @@ class Clock:
 
 def timed_warehouse(path: Path):
     """A Warehouse whose write transactions (connect, statements, commit, close) are timed."""
-    from scim_pipeline.resources.warehouse import Warehouse
+    from scim_pipeline.warehouse.connection import Warehouse
 
     class TimedWarehouse(Warehouse):
         seconds = 0.0
@@ -146,8 +146,8 @@ def bare_sdk_listing(org_ids: list[str], workers: int) -> int:
 
 
 def pipeline_sync(org_ids: list[str], workers: int, folder: Path):
-    from scim_pipeline.directory_sync import sync_organizations
-    from scim_pipeline.directory_api import DirectoryAPI
+    from scim_pipeline.warehouse.directory_sync import sync_organizations
+    from scim_pipeline.scalekit.directory_api import DirectoryAPI
 
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -161,8 +161,9 @@ def pipeline_sync(org_ids: list[str], workers: int, folder: Path):
 
 def write_alone(org_ids: list[str], workers: int, folder: Path) -> tuple[float, float, int]:
     """Spool every organization first, then time loading the spools, nothing else running."""
-    from scim_pipeline.directory_sync import list_organization, tune, utcnow
-    from scim_pipeline.directory_api import DirectoryAPI
+    from scim_pipeline.lib.clock import utcnow
+    from scim_pipeline.warehouse.directory_sync import list_organization, tune
+    from scim_pipeline.scalekit.directory_api import DirectoryAPI
     from scim_pipeline.warehouse.directory import load_snapshot, upsert_directories
 
     shutil.rmtree(folder, ignore_errors=True)
@@ -189,9 +190,9 @@ def write_alone(org_ids: list[str], workers: int, folder: Path) -> tuple[float, 
 
 def memory_child(folder: Path) -> None:
     """Sync every organization of the emulator named by the environment; print RSS figures as one JSON line."""
-    from scim_pipeline.directory_sync import sync_organizations
-    from scim_pipeline.directory_api import DirectoryAPI
-    from scim_pipeline.resources.warehouse import Warehouse
+    from scim_pipeline.warehouse.directory_sync import sync_organizations
+    from scim_pipeline.scalekit.directory_api import DirectoryAPI
+    from scim_pipeline.warehouse.connection import Warehouse
 
     api = DirectoryAPI(scalekit_settings())
     org_ids = [o["organization_id"] for o in api.organizations()]
@@ -223,7 +224,7 @@ def measure_memory(users: int, groups: int, root: Path, timeout: float) -> dict:
 
 def dagster_sync(home: Path) -> float:
     """``run_sync`` (catalogue, directory sync, derived assets, change sets, delivery to the demo application)."""
-    from scim_pipeline import services
+    from scim_pipeline.devstack import services
     from scim_pipeline.commands import run_sync
 
     os.environ["DAGSTER_HOME"] = str(home / "dagster")
@@ -259,7 +260,7 @@ def main() -> int:
     if args.quick:
         args.orgs, args.users, args.latency_ms, args.big_users, args.repeat = 4, 300, 5, 20_000, 1
 
-    from scim_pipeline.directory_api import DirectoryAPI
+    from scim_pipeline.scalekit.directory_api import DirectoryAPI
     from scim_pipeline_tests.emulator_support import RunningEmulator
 
     root = Path(tempfile.mkdtemp(prefix="scim-bench-sync-"))

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scim_pipeline import services  # noqa: E402
+from scim_pipeline.devstack import services  # noqa: E402
 from scim_pipeline.receiver.app import WEBHOOK_PATH  # noqa: E402
 from scim_pipeline.receiver.inbox import Inbox  # noqa: E402
 from scim_pipeline.receiver.signature import signed_headers  # noqa: E402

@@ -12,15 +12,15 @@ from scim_pipeline.config import ConfigError
 
 # subcommand -> "module:function"; the function takes the parsed arguments and returns an exit code.
 COMMANDS = {
-    "emulator": "scim_pipeline.emulator.server:run_from_cli",
+    "emulator": "scim_pipeline.devstack.emulator.server:run_from_cli",
     "webhooks": "scim_pipeline.receiver.app:run_from_cli",
-    "app": "scim_pipeline.demo_app.app:run_from_cli",
+    "app": "scim_pipeline.devstack.demo_app.app:run_from_cli",
     "sync": "scim_pipeline.commands:sync_from_cli",
     "sql": "scim_pipeline.commands:sql_from_cli",
     "changes": "scim_pipeline.commands:changes_from_cli",
     "approve": "scim_pipeline.commands:approve_from_cli",
-    "demo": "scim_pipeline.demo:demo_from_cli",
-    "dev": "scim_pipeline.demo:dev_from_cli",
+    "demo": "scim_pipeline.devstack.demo:demo_from_cli",
+    "dev": "scim_pipeline.devstack.demo:dev_from_cli",
 }
 
 

@@ -9,12 +9,12 @@ import time
 import pandas as pd
 
 from scim_pipeline.config import settings
-from scim_pipeline.directory_sync import utcnow
-from scim_pipeline.outbox_index import OutboxIndex
-from scim_pipeline.resources.warehouse import Warehouse, WarehouseBusy
-from scim_pipeline.run_reaper import reap_dead_runs
+from scim_pipeline.lib.clock import utcnow
+from scim_pipeline.provisioning.outbox_index import OutboxIndex
+from scim_pipeline.warehouse.connection import Warehouse, WarehouseBusy
+from scim_pipeline.defs.instance import dagster_instance
+from scim_pipeline.defs.run_reaper import reap_dead_runs
 
-ORGS_PER_RUN = 50
 QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 
@@ -30,7 +30,7 @@ def run_sync(organization_ids: list[str] | None = None, delivery_backoff_s: floa
              say=_say) -> dict:
     """Materialize the whole pipeline once, headless: catalogue, directory sync and change sets of every
     organization (or those given), then delivery. Returns a summary; raises SyncFailed when a run fails."""
-    from scim_pipeline.defs.directory.automation import partition_ranges, range_tags
+    from scim_pipeline.defs.directory.automation import orgs_per_run, partition_ranges, range_tags
     from scim_pipeline.defs.partitions import organizations_partitions
     from scim_pipeline.definitions import defs
 
@@ -61,7 +61,7 @@ def run_sync(organization_ids: list[str] | None = None, delivery_backoff_s: floa
     sync_job = defs.resolve_job_def("directory_sync")
     keys = list(instance.get_dynamic_partitions(organizations_partitions.name))
     failed: dict[str, str] = {}  # an organization Scalekit would not list does not stop the others
-    for first, last in partition_ranges(keys, set(targets), ORGS_PER_RUN):
+    for first, last in partition_ranges(keys, set(targets), orgs_per_run()):
         result = _execute(sync_job, instance, run_config=QUIET_LOGS, tags=range_tags(first, last))
         for materialization in result.asset_materializations_for_node("directory_snapshot"):
             entry = materialization.metadata.get("failures")
@@ -81,23 +81,6 @@ def run_sync(organization_ids: list[str] | None = None, delivery_backoff_s: floa
 
 class SyncFailed(Exception):
     pass
-
-
-_instances: dict = {}
-
-
-def dagster_instance():
-    """The installation's Dagster instance, one per process: resolved definitions keep a reference to the instance
-    they were first loaded with, so a second instance object for the same home would leave them dangling."""
-    import dagster as dg
-
-    from scim_pipeline.dagster_home import ensure_dagster_home
-
-    path = str(ensure_dagster_home())
-    if path not in _instances:
-        _instances[path] = dg.DagsterInstance.get()
-    # Entering makes it the instance that definitions are resolved against (a context variable of Dagster's).
-    return _instances[path].__enter__()
 
 
 def _execute(job, instance, **kwargs):
@@ -207,7 +190,7 @@ def changes_from_cli(args) -> int:
 
 
 def approve_from_cli(args) -> int:
-    from scim_pipeline.warehouse.provisioning import approve
+    from scim_pipeline.provisioning.change_sets import approve
 
     now = utcnow()
     with warehouse().write() as con:

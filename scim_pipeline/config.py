@@ -1,4 +1,4 @@
-"""Settings of one installation, read from the environment (SPEC "Configuration").
+"""Settings of one installation, read from the environment (docs/configuration.md).
 
 Every process of an installation shares ``SCIM_PIPELINE_HOME``. Values come from the environment first; where a
 variable is unset, the dotenv files that the embedded services write into the home (``emulator.env`` by the Scalekit
@@ -12,6 +12,8 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from dotenv import dotenv_values
 
 HOME_VAR = "SCIM_PIPELINE_HOME"
 DEFAULT_HOME = ".scim_pipeline"
@@ -36,33 +38,20 @@ def home() -> Path:
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
-    """Parse ``KEY=VALUE`` lines (optionally quoted, ``export`` allowed); a missing file is empty."""
-    values: dict[str, str] = {}
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return values
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("export "):
-            line = line[len("export ") :]
-        key, sep, value = line.partition("=")
-        if not sep:
-            continue
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        values[key.strip()] = value
-    return values
+    """The ``KEY=VALUE`` lines of a dotenv file (python-dotenv's parser); a missing file is empty."""
+    if not path.is_file():
+        return {}
+    return {key: value for key, value in dotenv_values(path).items() if value is not None}
 
 
 def write_dotenv(path: Path, values: dict[str, str]) -> None:
-    """Write dotenv lines atomically and readable by the owner only (they hold secrets)."""
+    """Write dotenv lines atomically, readable by the owner only from the moment the file exists (they hold
+    secrets); ``source``-able by a shell."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(f"{k}='{v}'\n" for k, v in values.items()))
-    tmp.chmod(0o600)
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write("".join(f"{k}='{v}'\n" for k, v in values.items()))
     tmp.replace(path)
 
 
@@ -158,7 +147,7 @@ def default_role_mappings_path() -> Path:
     local = Path("role_mappings.yaml")
     if local.is_file():
         return local.resolve()
-    return Path(__file__).with_name("role_mappings.yaml")
+    return Path(__file__).parent / "provisioning" / "role_mappings.yaml"
 
 
 def settings() -> Settings:

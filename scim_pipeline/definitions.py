@@ -9,10 +9,8 @@ from scim_pipeline.defs.jobs import directory_catalog_job, directory_events_job,
 from scim_pipeline.defs.provisioning.assets import provisioning
 from scim_pipeline.defs.provisioning.delivery import deliver_changes, delivered_state, delivery_sensor
 from scim_pipeline.defs.webhooks.sensor import webhook_events_sensor
-from scim_pipeline.resources.application import ApplicationResource
-from scim_pipeline.resources.scalekit import ScalekitResource
-from scim_pipeline.resources.warehouse import WarehouseResource
-from scim_pipeline.run_reaper import dead_run_reaper
+from scim_pipeline.defs.resources import ApplicationResource, ScalekitResource, WarehouseResource
+from scim_pipeline.defs.run_reaper import dead_run_reaper
 
 
 defs = dg.Definitions(

@@ -32,8 +32,9 @@ from typing import Any
 import httpx
 import pytest
 
-from scim_pipeline import config, services
-from scim_pipeline.emulator import tls
+from scim_pipeline import config
+from scim_pipeline.devstack import services
+from scim_pipeline.devstack.emulator import tls
 
 CA_VARS = ("REQUESTS_CA_BUNDLE", "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH")
 _shared_tls: tls.TlsFiles | None = None

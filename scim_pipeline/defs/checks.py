@@ -3,7 +3,7 @@
 
 import dagster as dg
 
-from scim_pipeline.resources.warehouse import WarehouseResource
+from scim_pipeline.warehouse.connection import Warehouse
 
 EMAIL_PATTERN = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
 COUNT_TOLERANCE = 0.02  # the directory's own totals may lag a little behind its listing
@@ -20,15 +20,15 @@ def _result(con, query: str, what: str, severity=dg.AssetCheckSeverity.ERROR) ->
 
 
 @dg.asset_check(asset="directory_users", description="Every user id appears once.")
-def users_unique_ids(warehouse: WarehouseResource) -> dg.AssetCheckResult:
-    with warehouse.warehouse().read() as con:
+def users_unique_ids(warehouse: dg.ResourceParam[Warehouse]) -> dg.AssetCheckResult:
+    with warehouse.read() as con:
         return _result(con, "SELECT user_id, count(*) FROM directory_users GROUP BY 1 HAVING count(*) > 1",
                        "duplicated user ids")
 
 
 @dg.asset_check(asset="directory_users", description="Live users have a well-formed email.")
-def users_emails_well_formed(warehouse: WarehouseResource) -> dg.AssetCheckResult:
-    with warehouse.warehouse().read() as con:
+def users_emails_well_formed(warehouse: dg.ResourceParam[Warehouse]) -> dg.AssetCheckResult:
+    with warehouse.read() as con:
         return _result(con, f"""SELECT user_id, email FROM directory_users
             WHERE deleted_at IS NULL AND NOT regexp_matches(coalesce(email, ''), '{EMAIL_PATTERN}')""",
                        "users with a malformed email", dg.AssetCheckSeverity.WARN)
@@ -36,8 +36,8 @@ def users_emails_well_formed(warehouse: WarehouseResource) -> dg.AssetCheckResul
 
 @dg.asset_check(asset="directory_users", description="Live users and groups per directory match the directory's "
                 f"own totals (total_users, total_groups) within {COUNT_TOLERANCE:.0%}.")
-def users_match_directory_totals(warehouse: WarehouseResource) -> dg.AssetCheckResult:
-    with warehouse.warehouse().read() as con:
+def users_match_directory_totals(warehouse: dg.ResourceParam[Warehouse]) -> dg.AssetCheckResult:
+    with warehouse.read() as con:
         return _result(con, f"""
             SELECT d.directory_id, d.total_users, coalesce(u.n, 0) AS users, d.total_groups, coalesce(g.n, 0) AS groups
             FROM directories d
@@ -52,15 +52,15 @@ def users_match_directory_totals(warehouse: WarehouseResource) -> dg.AssetCheckR
 
 
 @dg.asset_check(asset="directory_groups", description="Every group id appears once.")
-def groups_unique_ids(warehouse: WarehouseResource) -> dg.AssetCheckResult:
-    with warehouse.warehouse().read() as con:
+def groups_unique_ids(warehouse: dg.ResourceParam[Warehouse]) -> dg.AssetCheckResult:
+    with warehouse.read() as con:
         return _result(con, "SELECT group_id, count(*) FROM directory_groups GROUP BY 1 HAVING count(*) > 1",
                        "duplicated group ids")
 
 
 @dg.asset_check(asset="group_memberships", description="Every membership points at a live user and a live group.")
-def memberships_point_at_live_rows(warehouse: WarehouseResource) -> dg.AssetCheckResult:
-    with warehouse.warehouse().read() as con:
+def memberships_point_at_live_rows(warehouse: dg.ResourceParam[Warehouse]) -> dg.AssetCheckResult:
+    with warehouse.read() as con:
         return _result(con, """
             SELECT m.organization_id, m.group_id, m.user_id FROM group_memberships m
             LEFT JOIN directory_users u ON u.user_id = m.user_id AND u.deleted_at IS NULL
@@ -70,16 +70,16 @@ def memberships_point_at_live_rows(warehouse: WarehouseResource) -> dg.AssetChec
 
 @dg.asset_check(asset="change_sets", description="Mass-deprovisioning guard: deactivations and deletes held until "
                 "`scim-pipeline approve --org ORG`.")
-def held_changes(warehouse: WarehouseResource) -> dg.AssetCheckResult:
-    with warehouse.warehouse().read() as con:
+def held_changes(warehouse: dg.ResourceParam[Warehouse]) -> dg.AssetCheckResult:
+    with warehouse.read() as con:
         return _result(con, """SELECT organization_id, count(*) FROM change_sets WHERE status = 'held'
             GROUP BY 1 ORDER BY 1""", "organizations with held changes", dg.AssetCheckSeverity.WARN)
 
 
 @dg.asset_check(asset="change_sets", description="Dead letters: changes that failed every attempt "
                 "(`scim-pipeline changes --status dead`).")
-def dead_changes(warehouse: WarehouseResource) -> dg.AssetCheckResult:
-    with warehouse.warehouse().read() as con:
+def dead_changes(warehouse: dg.ResourceParam[Warehouse]) -> dg.AssetCheckResult:
+    with warehouse.read() as con:
         return _result(con, """SELECT change_id, organization_id, entity, op, entity_key, last_error
             FROM change_sets WHERE status = 'dead' ORDER BY created_at""", "dead changes")
 

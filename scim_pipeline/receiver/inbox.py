@@ -28,9 +28,11 @@ import time
 from collections import defaultdict
 from contextlib import closing
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Mapping
+
+from scim_pipeline.lib.clock import utc_iso, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +60,6 @@ _INSERT = (
     " VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 
-
-def utc_now() -> str:
-    """A ``received_at`` value: ISO-8601 UTC with milliseconds, which sorts as text."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 class InboxClosed(RuntimeError):
@@ -189,7 +187,7 @@ class Inbox:
     def _row(webhook_id: str, body: str, payload: Mapping[str, Any], received_at: str | None) -> tuple:
         return (
             webhook_id, _text(payload.get("id")), _text(payload.get("type")), _text(payload.get("organization_id")),
-            _text(payload.get("occurred_at")), received_at or utc_now(), body,
+            _text(payload.get("occurred_at")), received_at or utc_iso(), body,
         )
 
     def _submit(self, row: tuple, future: Any, loop: asyncio.AbstractEventLoop | None) -> None:
@@ -283,7 +281,7 @@ class Inbox:
                 pass
 
     def _prune(self, conn: sqlite3.Connection) -> int:
-        cutoff = (datetime.now(timezone.utc) - timedelta(seconds=self.retention_s)).isoformat(timespec="milliseconds")
+        cutoff = utc_iso(utcnow() - timedelta(seconds=self.retention_s))
         removed = 0
         while True:
             cur = conn.execute(

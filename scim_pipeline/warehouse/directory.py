@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 import duckdb
 
-from scim_pipeline.records import Page
+from scim_pipeline.scalekit.records import Page
 
 USER_COLUMNS = {
     "user_id": "VARCHAR", "organization_id": "VARCHAR", "directory_id": "VARCHAR", "email": "VARCHAR",

@@ -14,10 +14,10 @@ from scim_pipeline.defs.directory.automation import (
 from scim_pipeline.defs.partitions import organizations_partitions
 from scim_pipeline.defs.provisioning.delivery import delivery_sensor
 from scim_pipeline.defs.webhooks.sensor import webhook_events_sensor
-from scim_pipeline.outbox_index import OutboxIndex
+from scim_pipeline.provisioning.outbox_index import OutboxIndex
 from scim_pipeline.config import settings
 from scim_pipeline.receiver.inbox import Inbox
-from scim_pipeline.resources.scalekit import ScalekitResource
+from scim_pipeline.defs.resources import ScalekitResource
 from scim_pipeline_tests.emulator_support import emulator_fixture
 
 emulator = emulator_fixture(seed=9, orgs=3, users_per_org=5, groups_per_org=2)

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from scim_pipeline.commands import SyncFailed, query, run_sync
-from scim_pipeline.resources.warehouse import Warehouse
+from scim_pipeline.warehouse.connection import Warehouse
 
 
 def warehouse_users(org=None):
@@ -153,7 +153,7 @@ def test_unreachable_scalekit_and_bad_credentials_fail_with_one_clear_line(world
     err = capsys.readouterr().err.strip().splitlines()
     assert "refused the client credentials" in err[-1] and "wrong" not in err[-1]
 
-    from scim_pipeline.services import free_port
+    from scim_pipeline.devstack.services import free_port
 
     monkeypatch.setenv("SCALEKIT_ENVIRONMENT_URL", f"https://localhost:{free_port()}")
     with pytest.raises(SyncFailed, match="unreachable"):

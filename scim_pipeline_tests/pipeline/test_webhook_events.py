@@ -7,8 +7,9 @@ import time
 import dagster as dg
 import httpx
 
-from scim_pipeline import services
-from scim_pipeline.commands import dagster_instance, query, run_sync
+from scim_pipeline.devstack import services
+from scim_pipeline.commands import query, run_sync
+from scim_pipeline.defs.instance import dagster_instance
 from scim_pipeline.config import settings
 from scim_pipeline.defs.webhooks.sensor import webhook_events_sensor
 from scim_pipeline.definitions import defs

@@ -2,7 +2,7 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from scim_pipeline.resources.warehouse import Warehouse
+from scim_pipeline.warehouse.connection import Warehouse
 
 T0 = datetime(2026, 1, 1, 12, 0, 0)
 

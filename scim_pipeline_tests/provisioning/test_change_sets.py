@@ -1,7 +1,7 @@
-from scim_pipeline.role_mapping import GuardSettings, parse_role_mapping
-from scim_pipeline.warehouse.provisioning import (
-    approve, compute_change_sets, derive_memberships, derive_roles, ready_changes, record_failure, record_results,
-)
+from scim_pipeline.provisioning.role_mapping import GuardSettings, parse_role_mapping
+from scim_pipeline.provisioning.change_sets import approve, compute_change_sets
+from scim_pipeline.provisioning.derive import derive_memberships, derive_roles
+from scim_pipeline.provisioning.ledger import ready_changes, record_failure, record_results
 
 from .conftest import T0, add_group, add_member, add_user, at
 
@@ -232,7 +232,7 @@ def test_a_change_in_doubt_is_retried_unless_replaced(con):
 
 
 def test_all_organizations_in_one_pass_equals_one_call_each(tmp_path):
-    from scim_pipeline.resources.warehouse import Warehouse
+    from scim_pipeline.warehouse.connection import Warehouse
 
     def run(name, per_org):
         with Warehouse(tmp_path / name).write() as con:

@@ -3,12 +3,12 @@ from pathlib import Path
 
 import pytest
 
-from scim_pipeline.role_mapping import GuardSettings, RoleMappingError, load_role_mapping, parse_role_mapping
-from scim_pipeline.warehouse.provisioning import derive_memberships, derive_roles, like_pattern
+from scim_pipeline.provisioning.role_mapping import GuardSettings, RoleMappingError, load_role_mapping, parse_role_mapping
+from scim_pipeline.provisioning.derive import derive_memberships, derive_roles, like_pattern
 
 from .conftest import add_group, add_member, add_user
 
-PACKAGED = Path(__file__).resolve().parents[2] / "scim_pipeline" / "role_mappings.yaml"
+PACKAGED = Path(__file__).resolve().parents[2] / "scim_pipeline" / "provisioning" / "role_mappings.yaml"
 
 
 def write(tmp_path, text):

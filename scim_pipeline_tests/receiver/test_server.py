@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from scim_pipeline import services
+from scim_pipeline.devstack import services
 from scim_pipeline.receiver.app import WEBHOOK_PATH
 from scim_pipeline.receiver.inbox import Inbox
 from scim_pipeline_tests.receiver.helpers import event_body, new_secret, signed

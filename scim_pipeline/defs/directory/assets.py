@@ -13,11 +13,12 @@ import dagster as dg
 from scim_pipeline.config import settings
 from scim_pipeline.defs.metadata import count, preview
 from scim_pipeline.defs.partitions import WAREHOUSE_POOL, organizations_partitions
-from scim_pipeline.directory_api import ScalekitError
-from scim_pipeline.directory_sync import sync_organizations, utcnow
+from scim_pipeline.scalekit.directory_api import ScalekitError
+from scim_pipeline.lib.clock import utcnow
+from scim_pipeline.warehouse.directory_sync import sync_organizations
 from scim_pipeline.receiver.inbox import Inbox
-from scim_pipeline.resources.scalekit import ScalekitResource
-from scim_pipeline.resources.warehouse import WarehouseResource
+from scim_pipeline.defs.resources import ScalekitResource
+from scim_pipeline.warehouse.connection import Warehouse
 from scim_pipeline.warehouse.directory import upsert_directories, upsert_organizations
 from scim_pipeline.warehouse.events import apply_events, event_from_body, parse_time
 
@@ -31,7 +32,8 @@ from scim_pipeline.warehouse.events import apply_events, event_from_body, parse_
     ],
     pool=WAREHOUSE_POOL,
 )
-def scalekit_catalog(context: dg.AssetExecutionContext, scalekit: ScalekitResource, warehouse: WarehouseResource):
+def scalekit_catalog(context: dg.AssetExecutionContext, scalekit: ScalekitResource,
+                     warehouse: dg.ResourceParam[Warehouse]):
     api = scalekit.api()
     try:
         orgs = list(api.organizations())
@@ -39,7 +41,7 @@ def scalekit_catalog(context: dg.AssetExecutionContext, scalekit: ScalekitResour
     except ScalekitError as exc:
         raise dg.Failure(description=str(exc)) from exc
     now = utcnow()
-    with warehouse.warehouse().write() as con:
+    with warehouse.write() as con:
         upsert_organizations(con, orgs, now)
         upsert_directories(con, directories, now)
         org_preview = preview(con, "SELECT organization_id, display_name, external_id FROM organizations ORDER BY 1")
@@ -77,17 +79,16 @@ def directory_snapshot(
     context: dg.AssetExecutionContext,
     config: DirectorySnapshotConfig,
     scalekit: ScalekitResource,
-    warehouse: WarehouseResource,
+    warehouse: dg.ResourceParam[Warehouse],
 ):
     orgs = list(context.partition_keys)
-    wh = warehouse.warehouse()
     metadata: dict = {"organizations": len(orgs), "mode": config.mode}
     if config.mode == "events":
-        metadata.update(apply_inbox_events(context, wh, orgs, config.after_seq, config.up_to_seq))
+        metadata.update(apply_inbox_events(context, warehouse, orgs, config.after_seq, config.up_to_seq))
     elif config.mode == "full":
         try:
             report = sync_organizations(
-                scalekit.api(), wh, orgs, settings().home / "spool", workers=config.workers, progress=context.log.info,
+                scalekit.api(), warehouse, orgs, settings().home / "spool", workers=config.workers, progress=context.log.info,
             )
         except ScalekitError as exc:
             raise dg.Failure(description=str(exc)) from exc
@@ -108,7 +109,7 @@ def directory_snapshot(
 
     params = {"orgs": orgs}
     in_orgs = "list_contains($orgs, organization_id)"
-    with wh.read() as con:
+    with warehouse.read() as con:
         users = count(con, f"SELECT 1 FROM directory_users WHERE {in_orgs} AND deleted_at IS NULL", params)
         groups = count(con, f"SELECT 1 FROM directory_groups WHERE {in_orgs} AND deleted_at IS NULL", params)
         user_preview = preview(con, f"""SELECT user_id, email, given_name, family_name, active, deleted_at
@@ -123,7 +124,7 @@ def directory_snapshot(
     })
 
 
-def apply_inbox_events(context, wh, orgs: list[str], after_seq: int, up_to_seq: int) -> dict:
+def apply_inbox_events(context, warehouse, orgs: list[str], after_seq: int, up_to_seq: int) -> dict:
     """Apply the inbox's events for these organizations in (after_seq, up_to_seq] in one transaction."""
     inbox = Inbox(settings().inbox_path)
     wanted = set(orgs)
@@ -143,7 +144,7 @@ def apply_inbox_events(context, wh, orgs: list[str], after_seq: int, up_to_seq: 
         seq = page[-1].seq
         if up_to_seq and seq >= up_to_seq:
             break
-    with wh.write() as con:
+    with warehouse.write() as con:
         outcomes = apply_events(con, events, utcnow())
     context.log.info(f"applied webhook events for {len(orgs)} organization(s): {outcomes}")
     return {f"events_{k}": v for k, v in outcomes.items()} | {"events": len(events)}

@@ -10,8 +10,8 @@ import dagster as dg
 from scim_pipeline.config import ConfigError
 from scim_pipeline.defs.jobs import directory_catalog_job, directory_sync_job
 from scim_pipeline.defs.partitions import organizations_partitions
-from scim_pipeline.directory_api import ScalekitError
-from scim_pipeline.resources.scalekit import ScalekitResource
+from scim_pipeline.scalekit.directory_api import ScalekitError
+from scim_pipeline.defs.resources import ScalekitResource
 
 RECONCILE_CRON_VAR = "SCIM_PIPELINE_RECONCILE_CRON"
 DEFAULT_RECONCILE_CRON = "0 3 * * *"  # daily, at night
@@ -37,6 +37,20 @@ def partition_ranges(keys: list[str], wanted: set[str] | None, per_run: int) -> 
     if chunk:
         ranges.append((chunk[0], chunk[-1]))
     return ranges
+
+
+def orgs_per_run() -> int:
+    """Organizations per full-sync run, from SCIM_PIPELINE_ORGS_PER_RUN (a whole number, at least 1)."""
+    value = os.environ.get(RUN_BATCH_VAR)
+    if not value:
+        return DEFAULT_ORGS_PER_RUN
+    try:
+        per_run = int(value)
+    except ValueError:
+        per_run = 0
+    if per_run < 1:
+        raise ConfigError(f"{RUN_BATCH_VAR} is malformed: expected a whole number of at least 1, got {value!r}")
+    return per_run
 
 
 def range_tags(first: str, last: str) -> dict[str, str]:
@@ -89,7 +103,7 @@ def reconciliation_schedule(context: dg.ScheduleEvaluationContext):
     keys = list(context.instance.get_dynamic_partitions(organizations_partitions.name))
     if not keys:
         return dg.SkipReason("no organizations yet: the discovery sensor adds them")
-    per_run = int(os.environ.get(RUN_BATCH_VAR, DEFAULT_ORGS_PER_RUN))
+    per_run = orgs_per_run()
     stamp = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else "now"
     return [
         dg.RunRequest(run_key=f"reconcile:{stamp}:{first}..{last}",

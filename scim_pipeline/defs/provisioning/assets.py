@@ -1,5 +1,5 @@
 """Provisioning assets: from the synced directory to what the application must have, and the changes to get it
-there. One organization per partition; every step is SQL over whole tables (scim_pipeline.warehouse.provisioning).
+there. One organization per partition; every step is SQL over whole tables (scim_pipeline.provisioning.change_sets).
 
 The four assets are computed by one step in one transaction: memberships, roles, history and change sets of an
 organization always agree with each other, and a run costs one step's bookkeeping instead of four (the webhook
@@ -13,16 +13,12 @@ import dagster as dg
 from scim_pipeline.config import settings
 from scim_pipeline.defs.metadata import count, preview
 from scim_pipeline.defs.partitions import WAREHOUSE_POOL, organizations_partitions
-from scim_pipeline.directory_sync import utcnow
-from scim_pipeline.outbox_index import OutboxIndex
-from scim_pipeline.resources.warehouse import WarehouseResource
-from scim_pipeline.role_mapping import RoleMappingError, load_role_mapping
-from scim_pipeline.warehouse.provisioning import (
-    compute_change_sets,
-    derive_memberships,
-    derive_roles,
-    update_user_history,
-)
+from scim_pipeline.lib.clock import utcnow
+from scim_pipeline.provisioning.outbox_index import OutboxIndex
+from scim_pipeline.warehouse.connection import Warehouse
+from scim_pipeline.provisioning.role_mapping import RoleMappingError, load_role_mapping
+from scim_pipeline.provisioning.change_sets import compute_change_sets
+from scim_pipeline.provisioning.derive import derive_memberships, derive_roles, update_user_history
 
 IN_ORGS = "list_contains($orgs, organization_id)"
 INLINE_DELIVERY_GRACE = timedelta(seconds=60)
@@ -51,7 +47,7 @@ INLINE_DELIVERY_GRACE = timedelta(seconds=60)
     backfill_policy=dg.BackfillPolicy.single_run(),
     pool=WAREHOUSE_POOL,
 )
-def provisioning(context: dg.AssetExecutionContext, warehouse: WarehouseResource):
+def provisioning(context: dg.AssetExecutionContext, warehouse: dg.ResourceParam[Warehouse]):
     orgs = list(context.partition_keys)
     params = {"orgs": orgs}
     path = settings().role_mappings_path()
@@ -60,7 +56,7 @@ def provisioning(context: dg.AssetExecutionContext, warehouse: WarehouseResource
     except RoleMappingError as exc:
         raise dg.Failure(description=f"role mapping: {exc}") from exc
     now = utcnow()
-    with warehouse.warehouse().write() as con:
+    with warehouse.write() as con:
         memberships = sum(derive_memberships(con, org) for org in orgs)
         roles = sum(derive_roles(con, org, mapping) for org in orgs)
         opened = closed = 0

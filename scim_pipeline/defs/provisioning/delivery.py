@@ -10,13 +10,13 @@ An application that is down fails nothing upstream: its changes wait in the ledg
 
 import dagster as dg
 
-from scim_pipeline import delivery
+from scim_pipeline.provisioning.delivery import DeliveryPolicy, deliver_ready
 from scim_pipeline.config import settings
 from scim_pipeline.defs.partitions import organizations_partitions
-from scim_pipeline.directory_sync import utcnow
-from scim_pipeline.outbox_index import OutboxIndex
-from scim_pipeline.resources.application import ApplicationResource
-from scim_pipeline.resources.warehouse import WarehouseResource
+from scim_pipeline.lib.clock import utcnow
+from scim_pipeline.provisioning.outbox_index import OutboxIndex
+from scim_pipeline.defs.resources import ApplicationResource
+from scim_pipeline.warehouse.connection import Warehouse
 
 
 class DeliveryConfig(dg.Config):
@@ -26,13 +26,13 @@ class DeliveryConfig(dg.Config):
     batch_size: int = 500
 
 
-def _deliver(context, config: DeliveryConfig, orgs: list[str], warehouse: WarehouseResource,
+def _deliver(context, config: DeliveryConfig, orgs: list[str], warehouse: dg.ResourceParam[Warehouse],
              application: ApplicationResource) -> dict:
     """Deliver these organizations' ready changes; returns the materialization metadata of ``delivered_state``."""
     outbox = OutboxIndex(settings().outbox_index_path)
-    policy = delivery.DeliveryPolicy(config.max_attempts, config.backoff_s, batch_size=config.batch_size)
+    policy = DeliveryPolicy(config.max_attempts, config.backoff_s, batch_size=config.batch_size)
     with application.client() as client:
-        report = delivery.deliver(warehouse.warehouse(), client, orgs, outbox, policy, progress=context.log.info)
+        report = deliver_ready(warehouse, client, orgs, outbox, policy, progress=context.log.info)
     if report.dead:
         context.log.error(f"{report.dead} change(s) are dead: see `scim-pipeline changes --status dead`")
     return {
@@ -54,7 +54,7 @@ def _deliver(context, config: DeliveryConfig, orgs: list[str], warehouse: Wareho
     description="What the application has acknowledged (delivered_users, delivered_memberships, delivered_roles): "
     "advanced by sending the ledger's ready changes and recording each answer.",
 )
-def delivered_state(context: dg.AssetExecutionContext, config: DeliveryConfig, warehouse: WarehouseResource,
+def delivered_state(context: dg.AssetExecutionContext, config: DeliveryConfig, warehouse: dg.ResourceParam[Warehouse],
                     application: ApplicationResource) -> dg.MaterializeResult:
     orgs = list(context.partition_keys)
     OutboxIndex(settings().outbox_index_path).claim(orgs, utcnow(), due_only=False)
@@ -63,7 +63,7 @@ def delivered_state(context: dg.AssetExecutionContext, config: DeliveryConfig, w
 
 @dg.op(description="Send the ready changes of these organizations to the application and record each answer.",
        tags={"kind": "delivery"})
-def deliver(context: dg.OpExecutionContext, config: DeliveryConfig, warehouse: WarehouseResource,
+def deliver(context: dg.OpExecutionContext, config: DeliveryConfig, warehouse: dg.ResourceParam[Warehouse],
             application: ApplicationResource) -> None:
     outbox = OutboxIndex(settings().outbox_index_path)
     now = utcnow()

@@ -1,0 +1,59 @@
+"""The Dagster resources: configuration over the plain objects that do the work.
+
+``WarehouseResource`` hands the step the plain ``Warehouse`` itself (``create_resource``), since opening the file is
+the warehouse's own business. ``ScalekitResource`` and ``ApplicationResource`` hand out their client on demand
+(``api()``, ``client()``): reading the settings can fail (an unset variable), and that must fail the step that talks
+to Scalekit or the application, not every step of a run that merely has the resource.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import dagster as dg
+
+from scim_pipeline.config import settings
+from scim_pipeline.lib.retry import RetryPolicy
+from scim_pipeline.provisioning.changes_protocol import ApplicationClient
+from scim_pipeline.scalekit.directory_api import DirectoryAPI
+from scim_pipeline.warehouse.connection import Warehouse
+
+
+class WarehouseResource(dg.ConfigurableResource):
+    """DuckDB at ``SCIM_PIPELINE_HOME/warehouse.duckdb`` unless ``path`` is given."""
+
+    path: Optional[str] = None
+    lock_timeout_s: float = 120.0
+
+    def create_resource(self, context: dg.InitResourceContext) -> Warehouse:
+        return Warehouse(self.path or settings().warehouse_path, self.lock_timeout_s)
+
+
+class ScalekitResource(dg.ConfigurableResource):
+    """The Scalekit environment named by SCALEKIT_ENVIRONMENT_URL / SCALEKIT_CLIENT_ID / SCALEKIT_CLIENT_SECRET."""
+
+    max_attempts: int = 8
+    backoff_base_s: float = 0.2
+    backoff_max_s: float = 10.0
+
+    def api(self) -> DirectoryAPI:
+        retry = RetryPolicy(attempts=self.max_attempts, base_s=self.backoff_base_s, max_delay_s=self.backoff_max_s)
+        return DirectoryAPI(settings().scalekit(), retry)
+
+
+class ApplicationResource(dg.ConfigurableResource):
+    """The application the pipeline delivers to. Unset fields come from the settings (SCIM_PIPELINE_APP_URL,
+    SCIM_PIPELINE_APP_SECRET, or the demo application's app.env)."""
+
+    url: Optional[str] = None
+    timeout_s: Optional[float] = None
+    max_attempts: Optional[int] = None
+
+    def client(self) -> ApplicationClient:
+        cfg = settings()
+        return ApplicationClient(
+            self.url or cfg.app_url(),
+            cfg.app_secret(),
+            timeout=self.timeout_s or 10.0,
+            max_attempts=self.max_attempts or 5,
+        )

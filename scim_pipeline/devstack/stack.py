@@ -1,0 +1,172 @@
+"""The embedded stack of an installation: Scalekit emulator, webhook receiver, demo application, and Dagster (the
+daemon, or ``dagster dev``), each in a process of its own, started in dependency order and stopped in reverse.
+
+Used by ``demo`` and ``dev`` and by the end-to-end tests, so they run exactly what a user runs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from scim_pipeline import config
+from scim_pipeline.devstack import services
+from scim_pipeline.defs.instance import ensure_dagster_home
+
+CA_VARS = ("REQUESTS_CA_BUNDLE", "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH")
+
+
+class Stack:
+    def __init__(self, home: Path):
+        self.home = Path(home)
+        self.services: list[services.Service] = []
+        self.emulator: services.Service | None = None
+        self.receiver: services.Service | None = None
+        self.app: services.Service | None = None
+        self.dagster: subprocess.Popen | None = None
+        self.emulator_env: dict[str, str] = {}
+        self._http: httpx.Client | None = None
+
+    # --- services ---------------------------------------------------------------------------------------------------
+
+    def start_emulator(self, *args: str, webhook_port: int | None = None) -> services.Service:
+        env_file = self.home / config.EMULATOR_ENV_FILE
+        env_file.unlink(missing_ok=True)  # readiness is this file naming the new port
+        extra = ["--webhook-url", f"http://127.0.0.1:{webhook_port}/webhooks/scalekit"] if webhook_port else []
+
+        def ready(service: services.Service) -> bool:
+            values = config.read_dotenv(env_file)
+            return values.get("SCALEKIT_ENVIRONMENT_URL", "").endswith(f":{service.port}")
+
+        self.emulator = self._track(services.start("emulator", [*args, *extra], self.home, ready=ready))
+        self.emulator_env = config.read_dotenv(env_file)
+        # Children (receiver, Dagster) and this process talk to the emulator with its settings and its CA.
+        os.environ.update(self.emulator_env)
+        return self.emulator
+
+    def start_receiver(self, port: int | None = None) -> services.Service:
+        self.receiver = self._track(services.start(
+            "webhooks", [], self.home, port=port, ready=lambda s: _http_ok(f"{s.url}/healthz")))
+        return self.receiver
+
+    def start_app(self, *args: str) -> services.Service:
+        app_env = self.home / config.APP_ENV_FILE
+        app_env.unlink(missing_ok=True)
+        self.app = self._track(services.start(
+            "app", list(args), self.home, ready=lambda s: app_env.exists() and _http_ok(f"{s.url}/healthz")))
+        os.environ.update(config.read_dotenv(app_env))
+        return self.app
+
+    def _track(self, service: services.Service) -> services.Service:
+        self.services.append(service)
+        return service
+
+    # --- Dagster ------------------------------------------------------------------------------------------------------
+
+    def _dagster_env(self) -> dict[str, str]:
+        return {**os.environ, "SCIM_PIPELINE_HOME": str(self.home), "DAGSTER_HOME": str(ensure_dagster_home()),
+                "PYTHONUNBUFFERED": "1"}
+
+    def start_daemon(self, timeout: float = 90.0) -> None:
+        """``dagster-daemon run`` on the code location; returns once its sensor loop has a heartbeat."""
+        import dagster as dg
+
+        log = open(self.home / "logs" / "dagster-daemon.log", "ab")
+        self.dagster = subprocess.Popen(
+            [_bin("dagster-daemon"), "run", "-m", "scim_pipeline.definitions"],
+            env=self._dagster_env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
+        instance = dg.DagsterInstance.get()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.dagster.poll() is not None:
+                raise RuntimeError(f"the Dagster daemon exited with code {self.dagster.returncode}; "
+                                   f"see {self.home / 'logs' / 'dagster-daemon.log'}")
+            beats = instance.get_daemon_heartbeats()
+            if "SENSOR" in beats:
+                return
+            time.sleep(0.5)
+        raise RuntimeError("the Dagster daemon did not start within {timeout:.0f}s")
+
+    def start_dagster_dev(self, port: int = 3000) -> None:
+        """``dagster dev`` (webserver and daemon) with the project's workspace and instance settings."""
+        workspace = Path("workspace.yaml")
+        target = ["-w", str(workspace)] if workspace.is_file() else ["-m", "scim_pipeline.definitions"]
+        self.dagster = subprocess.Popen(
+            [_bin("dagster"), "dev", *target, "-h", "127.0.0.1", "-p", str(port)],
+            env=self._dagster_env(), stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+
+    # --- lifecycle ------------------------------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        if self._http is not None:
+            self._http.close()
+        if self.dagster is not None and self.dagster.poll() is None:
+            try:
+                os.killpg(self.dagster.pid, signal.SIGTERM)  # its code server and run workers too
+                self.dagster.wait(30)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                try:
+                    os.killpg(self.dagster.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for service in reversed(self.services):
+            service.stop()
+
+    def __enter__(self) -> "Stack":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # --- talking to the embedded services ---------------------------------------------------------------------------
+
+    def truth(self) -> dict:
+        """The emulator's truth (GET /_emulator/state)."""
+        return self._emulator_http().get("/_emulator/state").json()
+
+    def mutate(self, ops: list[dict]) -> dict:
+        response = self._emulator_http().post("/_emulator/mutations", json=ops)
+        if response.status_code == 400:
+            raise ValueError(f"the emulator refused the mutations: {response.text[:500]}")
+        response.raise_for_status()
+        return response.json()
+
+    def faults(self, **settings) -> None:
+        self._emulator_http().post("/_emulator/faults", json=settings).raise_for_status()
+
+    def app_state(self, organization_id: str | None = None) -> dict:
+        params = {"organization_id": organization_id} if organization_id else None
+        return httpx.get(f"{self.app.url}/state", params=params, timeout=30).json()
+
+    def app_stats(self) -> dict:
+        return httpx.get(f"{self.app.url}/stats", timeout=30).json()
+
+    def _emulator_http(self) -> httpx.Client:
+        if self._http is None:
+            ctx = ssl.create_default_context(cafile=self.emulator_env["REQUESTS_CA_BUNDLE"])
+            self._http = httpx.Client(base_url=self.emulator_env["SCALEKIT_ENVIRONMENT_URL"], verify=ctx, timeout=30)
+        return self._http
+
+
+def _bin(name: str) -> str:
+    """A console script of this environment (beside the running interpreter)."""
+    candidate = Path(sys.executable).with_name(name)
+    return str(candidate) if candidate.exists() else name
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

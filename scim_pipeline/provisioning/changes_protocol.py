@@ -1,0 +1,246 @@
+"""The ``changes`` delivery protocol (docs/delivery-protocol.md): change batches POSTed to the application.
+
+``ApplicationClient`` sends one organization's batch, signed with Standard Webhooks, under an ``Idempotency-Key``
+derived from the batch's content, and retries what is worth retrying (the package's ``RetryPolicy``).
+``send_changes`` sends one organization's changes batch after batch, in the order the protocol promises
+(``provisioning.ordering``).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import json
+import random
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable, Optional
+
+import httpx
+from standardwebhooks import Webhook
+
+from scim_pipeline.lib.retry import RetryPolicy
+from scim_pipeline.provisioning.ordering import batches
+
+CHANGES_PATH = "/scim/changes"
+
+
+class DeliveryError(Exception):
+    """A batch that did not reach the application; its message never holds the secret."""
+
+
+class DeliveryUnavailable(DeliveryError):
+    """The application stayed unreachable, slow, rate-limited or failing for the whole retry budget: try later."""
+
+
+class _TryAgain(Exception):
+    """One attempt that is worth repeating (429, 5xx, timeout, connection error, unreadable 2xx)."""
+
+    def __init__(self, reason: str, retry_after: float | None = None):
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+class DeliveryRejected(DeliveryError):
+    """The application refused the request itself (a 4xx other than 429): retrying the same request cannot help."""
+
+    def __init__(self, status_code: int, message: str):
+        super().__init__(message)
+        self.status_code = status_code
+
+
+@dataclass(frozen=True)
+class ChangeResult:
+    change_id: str
+    status: str  # "applied" | "rejected" | "failed" (not answered, or the batch was not delivered)
+    error: Optional[str] = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"change_id": self.change_id, "status": self.status, "error": self.error}
+
+
+def batch_id(organization_id: str, change_ids: Iterable[str]) -> str:
+    """Stable for the same organization and set of changes, so a resent batch carries the same Idempotency-Key."""
+    digest = hashlib.sha256("\n".join([organization_id, *sorted(change_ids)]).encode()).hexdigest()
+    return f"batch_{digest[:40]}"
+
+
+def _batch_id_of(organization_id: str, changes: list[dict]) -> str:
+    """The batch id of changes as given. Ledger rows carry ``attempts``; it joins the id, so that retries within one
+    send share a key while a resend on a later run (the ledger recorded the earlier outcome) is a new request: the
+    application judges a once-rejected change afresh instead of answering from a stored response. Nothing is applied
+    twice either way: the application applies each change_id once."""
+    return batch_id(organization_id, [
+        c["change_id"] if c.get("attempts") is None else f"{c['change_id']}#{c['attempts']}" for c in changes
+    ])
+
+
+def _wire_change(change: dict) -> dict:
+    """A change as the protocol sends it. Ledger rows (``entity_key``, ``payload`` as JSON text) are accepted too."""
+    change_id = change.get("change_id")
+    if not isinstance(change_id, str) or not change_id:
+        raise ValueError(f"change without a change_id: {change!r}")
+    data = change.get("data", change.get("payload"))
+    if isinstance(data, (str, bytes)):
+        data = json.loads(data)
+    return {
+        "change_id": change_id,
+        "entity": change.get("entity"),
+        "op": change.get("op"),
+        "key": change.get("key", change.get("entity_key")),
+        "data": data if data is not None else {},
+    }
+
+
+# -- the client -------------------------------------------------------------------------------------------------
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date); None when absent or invalid."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    now = time.time() if now is None else now
+    return max(0.0, when.timestamp() - now)
+
+
+class ApplicationClient:
+    """Sends change batches to one application. Reuses one HTTP connection pool; close it (or use ``with``)."""
+
+    def __init__(
+        self,
+        url: str,
+        secret: str,
+        timeout: float = 10.0,
+        max_attempts: int = 5,
+        backoff_base: float = 0.5,
+        backoff_max: float = 30.0,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+    ):
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        self.url = url.rstrip("/")
+        self.max_attempts = max_attempts
+        self.retry = RetryPolicy(attempts=max_attempts, base_s=backoff_base, max_delay_s=backoff_max)
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._webhook = Webhook(secret)
+        # trust_env=False: the application is reached directly, not through whatever proxy the shell names.
+        self._http = httpx.Client(timeout=timeout, trust_env=False)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "ApplicationClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ApplicationClient(url={self.url!r})"
+
+    def send_batch(self, organization_id: str, changes: list[dict]) -> list[ChangeResult]:
+        """Deliver one batch; one result per change, in the order given. Raises DeliveryUnavailable when the retry
+        budget is spent, DeliveryRejected when the application refuses the request."""
+        wire = [_wire_change(c) for c in changes]
+        if not wire:
+            return []
+        bid = _batch_id_of(organization_id, changes)
+        body = json.dumps(
+            {"batch_id": bid, "organization_id": organization_id, "changes": wire}, separators=(",", ":")
+        ).encode()
+        answer = self._post(bid, body)
+        return _results(wire, answer)
+
+    def _post(self, bid: str, body: bytes) -> Any:
+        endpoint = self.url + CHANGES_PATH
+
+        def attempt() -> Any:
+            try:
+                # Signed afresh on every attempt: a retry after a long wait must not carry a stale timestamp.
+                response = self._http.post(endpoint, content=body, headers=self._headers(bid, body))
+            except httpx.TimeoutException as exc:
+                raise _TryAgain(f"timed out ({type(exc).__name__})") from exc
+            except httpx.TransportError as exc:
+                raise _TryAgain(f"connection failed: {exc or type(exc).__name__}") from exc
+            status = response.status_code
+            if 200 <= status < 300:
+                try:
+                    return response.json()
+                except ValueError:
+                    # Applied or not, a resend is safe (idempotency), and this may be a garbled answer.
+                    raise _TryAgain(f"HTTP {status} with a body that is not JSON") from None
+            if status == 429 or status >= 500:
+                raise _TryAgain(f"HTTP {status}: {_snippet(response)}",
+                                parse_retry_after(response.headers.get("retry-after")))
+            raise DeliveryRejected(status, f"{endpoint} refused batch {bid}: HTTP {status}: {_snippet(response)}")
+
+        try:
+            return self.retry.call(attempt, retry_if=lambda exc: isinstance(exc, _TryAgain),
+                                   delay_hint=lambda exc: exc.retry_after, sleep=self._sleep, rng=self._rng)
+        except _TryAgain as exc:
+            raise DeliveryUnavailable(
+                f"{endpoint}: batch {bid} not delivered after {self.max_attempts} attempts: {exc}") from None
+
+    def _headers(self, bid: str, body: bytes) -> dict[str, str]:
+        now = datetime.now(tz=timezone.utc)
+        return {
+            "content-type": "application/json",
+            "idempotency-key": bid,
+            "webhook-id": bid,  # the same message id on every attempt, as Standard Webhooks asks of retries
+            "webhook-timestamp": str(int(now.timestamp())),
+            "webhook-signature": self._webhook.sign(bid, now, body.decode()),
+        }
+
+
+def _snippet(response: httpx.Response, limit: int = 300) -> str:
+    text = response.text.strip().replace("\n", " ")
+    return text[:limit] + ("..." if len(text) > limit else "")
+
+
+def _results(sent: list[dict], answer: Any) -> list[ChangeResult]:
+    """One result per sent change; anything unanswered or unreadable counts as failed (it will be sent again)."""
+    answered: dict[str, ChangeResult] = {}
+    rows = answer.get("results") if isinstance(answer, dict) else None
+    for row in rows if isinstance(rows, list) else []:
+        if not isinstance(row, dict) or not isinstance(row.get("change_id"), str):
+            continue
+        status, error = row.get("status"), row.get("error")
+        error = None if error is None else str(error)
+        if status not in ("applied", "rejected"):
+            status, error = "failed", f"unexpected status {status!r} in the application's answer"
+        answered.setdefault(row["change_id"], ChangeResult(row["change_id"], status, error))
+    return [
+        answered.get(c["change_id"]) or ChangeResult(c["change_id"], "failed", "no result in the application's answer")
+        for c in sent
+    ]
+
+
+def send_changes(
+    client: ApplicationClient, organization_id: str, changes: Iterable[dict], batch_size: int = 500
+) -> list[ChangeResult]:
+    """Send one organization's changes in protocol order, batch after batch. When a batch is not delivered, it and
+    every later batch are ``failed`` with the error (later ones may depend on it, e.g. memberships on a create)."""
+    results: list[ChangeResult] = []
+    pending = batches(changes, batch_size)
+    for i, batch in enumerate(pending):
+        try:
+            results.extend(client.send_batch(organization_id, batch))
+        except DeliveryError as exc:
+            for later in pending[i:]:
+                results.extend(ChangeResult(c["change_id"], "failed", str(exc)) for c in later)
+            break
+    return results

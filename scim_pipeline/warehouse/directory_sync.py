@@ -1,0 +1,154 @@
+"""Full directory sync of organizations: list from Scalekit (concurrently, to spool files), then load each
+organization into the warehouse in its own transaction. Plain functions; the Dagster assets call them."""
+
+from __future__ import annotations
+
+import logging
+import queue
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from scim_pipeline.lib.clock import utcnow
+from scim_pipeline.scalekit.directory_api import DirectoryAPI, ScalekitError
+from scim_pipeline.warehouse.connection import transaction
+from scim_pipeline.warehouse.directory import SnapshotCounts, Spool, load_snapshot, upsert_directories
+
+if TYPE_CHECKING:
+    from scim_pipeline.warehouse.connection import Warehouse
+
+log = logging.getLogger(__name__)
+
+LOAD_MEMORY_LIMIT = "128MB"
+LOAD_THREADS = 1  # per-organization statements are small: a second thread cost more CPU than it saved time
+
+
+class NoDirectory(Exception):
+    """The organization has no enabled directory: nothing to sync (not an error of the pipeline)."""
+
+
+def list_organization(api: DirectoryAPI, organization_id: str, spool_root: Path) -> Spool:
+    """Stream one organization's enabled directories, users and groups to a spool."""
+    spool = Spool.create(spool_root, organization_id, listed_at=utcnow())
+    try:
+        directories = api.directories(organization_id)
+        spool.directories = directories
+        enabled = [d for d in directories if d["enabled"]]
+        if not enabled:
+            raise NoDirectory(f"{organization_id} has no enabled directory")
+        for directory in enabled:
+            for page in api.group_pages(organization_id, directory["directory_id"]):
+                spool.add_groups(page)
+            for page in api.user_pages(organization_id, directory["directory_id"]):
+                spool.add_users(page)
+    finally:
+        spool.close()
+    return spool
+
+
+@dataclass
+class SyncReport:
+    synced: dict[str, SnapshotCounts] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # organization -> why (no directory)
+    failed: dict[str, str] = field(default_factory=dict)  # organization -> error
+
+    def total(self, name: str) -> int:
+        return sum(getattr(c, name) for c in self.synced.values())
+
+
+def sync_organizations(
+    api: DirectoryAPI,
+    warehouse: Warehouse,
+    organization_ids: list[str],
+    spool_root: Path,
+    workers: int = 8,
+    progress: Callable[[str], None] = log.info,
+) -> SyncReport:
+    """List every organization (``workers`` at a time, in threads) and load each as soon as it is listed.
+
+    One organization failing (or having no directory) never stops the others; a Scalekit that refuses our
+    credentials or cannot be reached at all is raised at once, since no organization can succeed."""
+    report = SyncReport()
+    api.client  # authenticate once up front: bad credentials or an unreachable Scalekit fail here, clearly
+    total = len(organization_ids)
+    listed: queue.Queue[Future] = queue.Queue()
+
+    def done() -> int:
+        return len(report.synced) + len(report.skipped) + len(report.failed)
+
+    def take(future: Future) -> Spool | None:
+        """The listing's spool, or None once a skipped or failed organization is recorded."""
+        org = futures[future]
+        try:
+            return future.result()
+        except NoDirectory as exc:
+            report.skipped[org] = str(exc)
+            progress(f"[{done()}/{total}] {org}: skipped ({exc})")
+        except ScalekitError as exc:
+            report.failed[org] = str(exc)
+            progress(f"[{done()}/{total}] {org}: FAILED: {exc}")
+        return None
+
+    def load(con, spool: Spool) -> None:
+        try:
+            # One transaction per organization, committed before it is reported: an organization reported done
+            # survives the process being killed, and one that fails half-way leaves its rows as they were.
+            with transaction(con):
+                upsert_directories(con, spool.directories, utcnow())
+                counts = load_snapshot(con, spool, utcnow())
+        finally:
+            spool.remove()
+        report.synced[spool.organization_id] = counts
+        progress(
+            f"[{done()}/{total}] {spool.organization_id}: "
+            f"{counts.users} users (+{counts.users_new} ~{counts.users_changed} -{counts.users_deleted}), "
+            f"{counts.groups} groups"
+        )
+
+    def next_ready() -> Spool | None:
+        """An organization already listed, without waiting for one."""
+        nonlocal remaining
+        while remaining:
+            try:
+                future = listed.get_nowait()
+            except queue.Empty:
+                return None
+            remaining -= 1
+            if (spool := take(future)) is not None:
+                return spool
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, total or 1)), thread_name_prefix="listing") as lister:
+        futures = {lister.submit(list_organization, api, org, spool_root): org for org in organization_ids}
+        for future in futures:
+            future.add_done_callback(listed.put)
+        remaining = len(futures)
+        try:
+            while remaining:
+                # Listing goes on in the pool while this thread holds the warehouse. Opening, checkpointing and
+                # closing DuckDB costs more than loading a small organization, so every organization already listed
+                # is loaded through the same connection, one transaction each; the lock is released as soon as none
+                # is waiting.
+                spool = take(listed.get())
+                remaining -= 1
+                if spool is None:
+                    continue
+                with warehouse.session() as con:
+                    tune(con)
+                    while spool is not None:
+                        load(con, spool)
+                        spool = next_ready()
+        except BaseException:
+            lister.shutdown(wait=False, cancel_futures=True)  # list no more organizations that nobody will load
+            raise
+    return report
+
+
+def tune(con) -> None:
+    """Bound DuckDB's memory (it spills to a temporary folder beside the warehouse beyond it) and its threads:
+    the listing threads share the machine, and a directory of any size must load in a flat footprint."""
+    con.execute(f"SET memory_limit = '{LOAD_MEMORY_LIMIT}'")
+    con.execute(f"SET threads = {LOAD_THREADS}")
+    # Each checkpoint rewrites the touched tables and their indexes: once when the session closes, not every 16 MB.
+    con.execute("SET checkpoint_threshold = '256MB'")
