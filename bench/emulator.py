@@ -131,7 +131,7 @@ def main() -> int:
     startup = time.perf_counter() - started
     try:
         env = config.read_dotenv(home / config.EMULATOR_ENV_FILE)
-        os.environ.update({k: env[k] for k in ("REQUESTS_CA_BUNDLE", "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH")})
+        os.environ.update({k: env[k] for k in config.CA_VARS})
         from scalekit import ScalekitClient
 
         client = ScalekitClient(env["SCALEKIT_ENVIRONMENT_URL"], env["SCALEKIT_CLIENT_ID"],

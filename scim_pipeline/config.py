@@ -22,6 +22,8 @@ APP_ENV_FILE = "app.env"
 WAREHOUSE_FILE = "warehouse.duckdb"
 INBOX_FILE = "inbox.sqlite"
 OUTBOX_INDEX_FILE = "outbox.sqlite"
+# Where the SDK's token request (requests) and gRPC channel read the CA roots they trust.
+CA_VARS = ("REQUESTS_CA_BUNDLE", "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH")
 
 _SECRET_RE = re.compile(r"^whsec_[A-Za-z0-9+/=]+$")
 
@@ -101,7 +103,7 @@ class Settings:
             # The environment came from the emulator's emulator.env: its CA comes with it, over whatever bundle the
             # shell names, since the SDK's token request and gRPC channel read their roots from these variables.
             emulator_env = read_dotenv(self.home / EMULATOR_ENV_FILE)
-            for ca_var in ("REQUESTS_CA_BUNDLE", "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH"):
+            for ca_var in CA_VARS:
                 if emulator_env.get(ca_var):
                     os.environ[ca_var] = emulator_env[ca_var]
         return ScalekitSettings(url, client_id, secret)

@@ -36,7 +36,6 @@ from scim_pipeline import config
 from scim_pipeline.devstack import services
 from scim_pipeline.devstack.emulator import tls
 
-CA_VARS = ("REQUESTS_CA_BUNDLE", "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH")
 _shared_tls: tls.TlsFiles | None = None
 
 
@@ -115,7 +114,7 @@ class RunningEmulator:
         """A real ``scalekit.ScalekitClient`` for this emulator (``client_secret`` overrides the right one)."""
         from scalekit import ScalekitClient
 
-        for var in CA_VARS:
+        for var in config.CA_VARS:
             os.environ[var] = self.env[var]
         return ScalekitClient(self.url, self.env["SCALEKIT_CLIENT_ID"],
                               client_secret if client_secret is not None else self.env["SCALEKIT_CLIENT_SECRET"],
@@ -143,7 +142,7 @@ class RunningEmulator:
         return response.json()["results"]
 
     def faults(self, **settings: Any) -> dict:
-        """Set faults (any subset of SPEC's keys, 0/False = off); returns all current settings."""
+        """Set faults (any subset of the fault keys in docs/emulator.md, 0/False = off); returns all current settings."""
         response = self.control("POST", "/_emulator/faults", json=settings)
         response.raise_for_status()
         return response.json()

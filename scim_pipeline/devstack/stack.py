@@ -20,9 +20,6 @@ from scim_pipeline import config
 from scim_pipeline.devstack import services
 from scim_pipeline.defs.instance import ensure_dagster_home
 
-CA_VARS = ("REQUESTS_CA_BUNDLE", "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH")
-
-
 class Stack:
     def __init__(self, home: Path):
         self.home = Path(home)

@@ -1,4 +1,4 @@
-"""Tables of the warehouse (SPEC "Warehouse"). All timestamps are UTC ``TIMESTAMP``s.
+"""Tables of the warehouse (docs/warehouse.md). All timestamps are UTC ``TIMESTAMP``s.
 
 Directory tables hold what Scalekit says, tombstoned rather than deleted. Derived tables (memberships, roles, desired
 state) hold current facts for live users. ``delivered_*`` tables hold what the application has acknowledged: the
@@ -155,7 +155,7 @@ TABLES: dict[str, str] = {
     """,
 }
 
-# The application's desired state: what the diff compares with delivered_* (SPEC "current facts for live users").
+# The application's desired state: what the diff compares with delivered_* (docs/warehouse.md: current facts for live users).
 # A user whose directory does not say whether they are active counts as active (SCIM's usual reading).
 VIEWS: dict[str, str] = {
     "desired_users": """

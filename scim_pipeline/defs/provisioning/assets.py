@@ -16,7 +16,7 @@ from scim_pipeline.defs.partitions import WAREHOUSE_POOL, organizations_partitio
 from scim_pipeline.lib.clock import utcnow
 from scim_pipeline.provisioning.outbox_index import OutboxIndex
 from scim_pipeline.warehouse.connection import Warehouse
-from scim_pipeline.provisioning.role_mapping import RoleMappingError, load_role_mapping
+from scim_pipeline.provisioning.role_mapping import RoleMapping, RoleMappingError, load_role_mapping
 from scim_pipeline.provisioning.change_sets import compute_change_sets
 from scim_pipeline.provisioning.derive import derive_memberships, derive_roles, update_user_history
 
@@ -46,61 +46,90 @@ INLINE_DELIVERY_GRACE = timedelta(seconds=60)
     partitions_def=organizations_partitions,
     backfill_policy=dg.BackfillPolicy.single_run(),
     pool=WAREHOUSE_POOL,
+    can_subset=True,
 )
 def provisioning(context: dg.AssetExecutionContext, warehouse: dg.ResourceParam[Warehouse]):
     orgs = list(context.partition_keys)
-    params = {"orgs": orgs}
-    path = settings().role_mappings_path()
-    try:
-        mapping = load_role_mapping(path)
-    except RoleMappingError as exc:
-        raise dg.Failure(description=f"role mapping: {exc}") from exc
+    selected = {key.to_user_string() for key in context.selected_asset_keys}
     now = utcnow()
+    mapping = None
+    if selected & {"role_assignments", "change_sets"}:  # the rules, and the guard's settings
+        try:
+            mapping = load_role_mapping(settings().role_mappings_path())
+        except RoleMappingError as exc:
+            raise dg.Failure(description=f"role mapping: {exc}") from exc
+    metadata: dict[str, dict] = {}
     with warehouse.write() as con:
-        memberships = sum(derive_memberships(con, org) for org in orgs)
-        roles = sum(derive_roles(con, org, mapping) for org in orgs)
-        opened = closed = 0
-        for org in orgs:
-            history = update_user_history(con, org, now)
-            opened += history["opened"]
-            closed += history["closed"]
-        diff = compute_change_sets(con, orgs, now, mapping)  # one pass over every organization of the run
-        tripped = diff.pop("guard_tripped")
+        # In dependency order: each reads what the one before it wrote, or the table as it is when not selected.
+        if "group_memberships" in selected:
+            metadata["group_memberships"] = _memberships(con, orgs)
+        if "role_assignments" in selected:
+            metadata["role_assignments"] = _roles(con, orgs, mapping)
+        if "directory_users_history" in selected:
+            metadata["directory_users_history"] = _history(con, orgs, now)
+        if "change_sets" in selected:
+            metadata["change_sets"], ready = _change_sets(con, orgs, now, mapping)
 
-        per_role = dict(con.execute(f"""SELECT role_name, count(DISTINCT user_id) FROM role_assignments
-            WHERE {IN_ORGS} GROUP BY 1 ORDER BY 1""", params).fetchall())
-        status = dict(con.execute(
-            f"SELECT status, count(*) FROM change_sets WHERE {IN_ORGS} GROUP BY 1", params).fetchall())
-        ready = [r[0] for r in con.execute(f"""SELECT DISTINCT organization_id FROM change_sets
-            WHERE {IN_ORGS} AND status IN ('pending', 'failed')""", params).fetchall()]
-        history_rows = count(con, f"SELECT 1 FROM directory_users_history WHERE {IN_ORGS}", params)
-        membership_preview = preview(con, f"""SELECT group_name, user_id FROM group_memberships WHERE {IN_ORGS}
-            ORDER BY 1, 2""", params)
-        role_preview = preview(con, f"""SELECT user_id, role_name, source FROM role_assignments WHERE {IN_ORGS}
-            ORDER BY 1, 2""", params)
-        change_preview = preview(con, f"""SELECT organization_id, entity, op, entity_key, status, attempts, last_error
-            FROM change_sets WHERE {IN_ORGS} AND status NOT IN ('delivered', 'superseded')
-            ORDER BY created_at DESC""", params)
+    if "change_sets" in selected:
+        # When this run delivers them itself (the webhook path), the mark is only a safety net for what it cannot
+        # send.
+        delivers_inline = dg.AssetKey("delivered_state") in (context.run.asset_selection or set())
+        OutboxIndex(settings().outbox_index_path).mark_ready(
+            ready, now + INLINE_DELIVERY_GRACE if delivers_inline else now)
+        tripped = metadata["change_sets"]["guard_tripped"].value
+        if tripped:
+            context.log.warning(
+                "mass-deprovisioning guard holds changes of " + ", ".join(tripped)
+                + ": review with `scim-pipeline changes --status held`, release with `scim-pipeline approve --org ORG`"
+            )
+    for key, values in metadata.items():
+        yield dg.MaterializeResult(asset_key=key, metadata=values)
 
-    # When this run delivers them itself (the webhook path), the mark is only a safety net for what it cannot send.
-    delivers_inline = dg.AssetKey("delivered_state") in (context.run.asset_selection or set())
-    OutboxIndex(settings().outbox_index_path).mark_ready(ready, now + INLINE_DELIVERY_GRACE if delivers_inline else now)
-    if tripped:
-        context.log.warning(
-            "mass-deprovisioning guard holds changes of " + ", ".join(tripped)
-            + ": review with `scim-pipeline changes --status held`, release with `scim-pipeline approve --org ORG`"
-        )
-    yield dg.MaterializeResult(asset_key="group_memberships", metadata={
-        "dagster/row_count": memberships, "preview": membership_preview})
-    yield dg.MaterializeResult(asset_key="role_assignments", metadata={
-        "dagster/row_count": roles, "users_per_role": dg.MetadataValue.json(per_role), "role_mappings": str(path),
-        "preview": role_preview})
-    yield dg.MaterializeResult(asset_key="directory_users_history", metadata={
-        "dagster/row_count": history_rows, "intervals_opened": opened, "intervals_closed": closed})
-    yield dg.MaterializeResult(asset_key="change_sets", metadata={
+
+def _memberships(con, orgs: list[str]) -> dict:
+    rows = sum(derive_memberships(con, org) for org in orgs)
+    return {"dagster/row_count": rows, "preview": preview(
+        con, f"SELECT group_name, user_id FROM group_memberships WHERE {IN_ORGS} ORDER BY 1, 2", {"orgs": orgs})}
+
+
+def _roles(con, orgs: list[str], mapping: RoleMapping) -> dict:
+    params = {"orgs": orgs}
+    rows = sum(derive_roles(con, org, mapping) for org in orgs)
+    per_role = dict(con.execute(f"""SELECT role_name, count(DISTINCT user_id) FROM role_assignments
+        WHERE {IN_ORGS} GROUP BY 1 ORDER BY 1""", params).fetchall())
+    return {
+        "dagster/row_count": rows, "users_per_role": dg.MetadataValue.json(per_role), "role_mappings": mapping.path,
+        "preview": preview(con, f"""SELECT user_id, role_name, source FROM role_assignments WHERE {IN_ORGS}
+            ORDER BY 1, 2""", params),
+    }
+
+
+def _history(con, orgs: list[str], now) -> dict:
+    opened = closed = 0
+    for org in orgs:
+        history = update_user_history(con, org, now)
+        opened += history["opened"]
+        closed += history["closed"]
+    rows = count(con, f"SELECT 1 FROM directory_users_history WHERE {IN_ORGS}", {"orgs": orgs})
+    return {"dagster/row_count": rows, "intervals_opened": opened, "intervals_closed": closed}
+
+
+def _change_sets(con, orgs: list[str], now, mapping: RoleMapping) -> tuple[dict, list[str]]:
+    """The change sets' metadata, and the organizations with changes ready to send."""
+    params = {"orgs": orgs}
+    diff = compute_change_sets(con, orgs, now, mapping)  # one pass over every organization of the run
+    tripped = diff.pop("guard_tripped")
+    status = dict(con.execute(
+        f"SELECT status, count(*) FROM change_sets WHERE {IN_ORGS} GROUP BY 1", params).fetchall())
+    ready = [r[0] for r in con.execute(f"""SELECT DISTINCT organization_id FROM change_sets
+        WHERE {IN_ORGS} AND status IN ('pending', 'failed')""", params).fetchall()]
+    metadata = {
         "dagster/row_count": sum(status.values()),
         **{f"diff/{k}": v for k, v in sorted(diff.items())},
         **{f"status/{k}": v for k, v in sorted(status.items())},
         "guard_tripped": dg.MetadataValue.json(tripped),
-        "preview": change_preview,
-    })
+        "preview": preview(con, f"""SELECT organization_id, entity, op, entity_key, status, attempts, last_error
+            FROM change_sets WHERE {IN_ORGS} AND status NOT IN ('delivered', 'superseded')
+            ORDER BY created_at DESC""", params),
+    }
+    return metadata, ready

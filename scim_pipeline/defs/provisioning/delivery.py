@@ -1,4 +1,4 @@
-"""Delivery: the ledger is an outbox, and this is its only way out.
+"""Delivery: the ledger is an outbox, and this is its only way out (``provisioning.delivery``).
 
 The delivery sensor reads the outbox index (SQLite; never DuckDB) for organizations whose changes are ready —
 change sets just computed by a full sync, failed changes whose backoff has passed, held changes just approved — and
@@ -72,9 +72,11 @@ def deliver(context: dg.OpExecutionContext, config: DeliveryConfig, warehouse: d
         context.log.info("nothing is due")
         return
     metadata = _deliver(context, config, orgs, warehouse, application)
-    for org in orgs:  # the same asset the webhook path materializes, so the UI shows one history of deliveries
-        context.log_event(dg.AssetMaterialization(asset_key="delivered_state", partition=org,
-                                                  metadata=metadata if len(orgs) == 1 else {"run_total": metadata["delivered"]}))
+    # ``delivered_state`` has one owner, its asset (the webhook path's last step); what a delivery run sent shows on
+    # the same asset's page as an observation of each organization it delivered.
+    for org in orgs:
+        context.log_event(dg.AssetObservation(asset_key="delivered_state", partition=org,
+                                              metadata=metadata if len(orgs) == 1 else {"run_total": metadata["delivered"]}))
 
 
 @dg.job(executor_def=dg.in_process_executor, tags={"scim_pipeline/kind": "delivery"},

@@ -1,1 +1,1 @@
-"""The demo application that receives change sets (SPEC "Application delivery protocol")."""
+"""The demo application that receives change sets (docs/delivery-protocol.md)."""

@@ -1,5 +1,5 @@
-"""The demo application: an HTTP service standing in for a customer's SaaS application (SPEC "Application delivery
-protocol").
+"""The demo application: an HTTP service standing in for a customer's SaaS application, implementing the delivery
+protocol (docs/delivery-protocol.md).
 
 It receives signed change batches on ``POST /scim/changes``, applies them to its SQLite store and answers per change;
 ``GET /state`` shows what it holds and ``GET /stats`` how often each change was applied (tests prove with it that

@@ -1,5 +1,5 @@
 """The HTTP/1.1 side of the emulator: Scalekit's ``POST /oauth/token`` and the emulator's control API under
-``/_emulator/`` (SPEC "Scalekit emulator"). The control API has no authentication and answers loopback peers only.
+``/_emulator/`` (docs/emulator.md). The control API has no authentication and answers loopback peers only.
 
 Handlers that walk the whole directory (state, prebuild) are plain functions, which Starlette runs in its thread
 pool, so the event loop keeps piping gRPC bytes meanwhile.

@@ -247,7 +247,7 @@ class DirectoryStore:
     # --- the truth (control API) --------------------------------------------------------------------------------
 
     def truth(self, organization_id: str | None = None) -> dict:
-        """SPEC's ``GET /_emulator/state`` document: live users and groups only."""
+        """The ``GET /_emulator/state`` document (docs/emulator.md): live users and groups only."""
         with self.lock:
             orgs = [self.organizations[organization_id]] if organization_id else list(self.organizations.values())
             return {"organizations": [self._org_truth(o) for o in orgs]}

@@ -55,8 +55,8 @@ class Tokens:
 
 
 @dataclass
-class Faults:
-    """SPEC's ``POST /_emulator/faults`` settings; 0/false means off."""
+class EmulatorFaults:
+    """The ``POST /_emulator/faults`` settings (docs/emulator.md); 0/false means off."""
 
     latency_ms: int = 0
     rate_limit_every: int = 0
@@ -81,14 +81,14 @@ class FaultInjector:
 
     def __init__(self, tokens: Tokens):
         self.tokens = tokens
-        self.faults = Faults()
+        self.faults = EmulatorFaults()
         self._lock = threading.Lock()
         self._calls = 0
         self._user_pages = 0
 
-    def update(self, settings: dict) -> Faults:
-        known = {f.name: f for f in fields(Faults)}
-        new = Faults(**self.faults.as_dict())
+    def update(self, settings: dict) -> EmulatorFaults:
+        known = {f.name: f for f in fields(EmulatorFaults)}
+        new = EmulatorFaults(**self.faults.as_dict())
         for key, value in settings.items():
             if key not in known:
                 raise FaultError(f"unknown fault {key!r}; known: {', '.join(known)}")

@@ -1,4 +1,4 @@
-"""Directory changes (SPEC ``POST /_emulator/mutations``), applied to the store all-or-nothing, each producing the
+"""Directory changes (``POST /_emulator/mutations``, docs/emulator.md), applied to the store all-or-nothing, each producing the
 webhook events Scalekit would send for it.
 
 A batch runs under the store's lock with an undo log: every operation records how to restore what it touched
