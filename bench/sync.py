@@ -7,7 +7,7 @@ Starts the emulator (in a temporary home, on 127.0.0.1) with ``--orgs`` organiza
 - baseline: ``ScalekitClient`` + ``core_client.grpc_exec`` listing every organization's directories, groups and
   users (30 a page, with detail, as the pipeline asks), ``--workers`` organizations at a time, data discarded;
 - pipeline: ``sync_organizations`` with the same ``workers`` into a fresh DuckDB file; the time spent inside the
-  warehouse's write transactions is measured from outside (a ``Warehouse`` whose ``write`` is timed).
+  warehouse's writing sessions is measured from outside (a ``Warehouse`` whose ``session`` is timed).
 
 Each side's best round counts (the machines this runs on are shared and noisy); CPU seconds of each side and of the
 emulator are shown too. Then the warehouse write alone: the same organizations spooled first (latency off), then
@@ -80,7 +80,7 @@ class Clock:
 
 
 def timed_warehouse(path: Path):
-    """A Warehouse whose write transactions (connect, statements, commit, close) are timed."""
+    """A Warehouse whose writing sessions (connect, each organization's transaction, close) are timed."""
     from scim_pipeline.warehouse.connection import Warehouse
 
     class TimedWarehouse(Warehouse):
@@ -88,10 +88,10 @@ def timed_warehouse(path: Path):
         transactions = 0
 
         @contextmanager
-        def write(self):
+        def session(self):
             started = time.perf_counter()
             try:
-                with super().write() as con:
+                with super().session() as con:
                     yield con
             finally:
                 self.seconds += time.perf_counter() - started
