@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sql", help="read-only SQL on the warehouse")
     p.add_argument("query", help="the SQL query")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format (default table)")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="interrupt the query after this many seconds (default 30); a running pipeline never waits "
+                   "longer than that for the warehouse")
 
     p = sub.add_parser("changes", help="list change sets")
     p.add_argument("--org", default=None, metavar="ORG_ID", help="only this organization")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 
 import pandas as pd
@@ -141,10 +142,31 @@ def sync_from_cli(args) -> int:
     return 1 if summary["failed"] else 0
 
 
-def query(sql: str) -> pd.DataFrame:
-    """Read-only SQL on the warehouse: the connection cannot write, and is held only for this query."""
-    with warehouse().read() as con:
-        return con.execute(sql).df()
+DEFAULT_QUERY_TIMEOUT_S = 30.0
+
+
+class QueryTimeout(Exception):
+    """A query ran past its timeout and was interrupted."""
+
+
+def query(sql: str, timeout_s: float | None = DEFAULT_QUERY_TIMEOUT_S) -> pd.DataFrame:
+    """Read-only SQL on the warehouse: the connection cannot write, and is held only for this query. A reader holds
+    DuckDB's file lock while its query runs, so past ``timeout_s`` the query is interrupted: a writer waiting for
+    the lock is never held up longer than that."""
+    import duckdb
+
+    with warehouse().read(timeout_s=timeout_s or DEFAULT_QUERY_TIMEOUT_S) as con:
+        timer = threading.Timer(timeout_s, con.interrupt) if timeout_s else None
+        if timer is not None:
+            timer.daemon = True
+            timer.start()
+        try:
+            return con.execute(sql).df()
+        except duckdb.InterruptException:
+            raise QueryTimeout(f"query interrupted after {timeout_s:g}s (raise --timeout to allow more)") from None
+        finally:
+            if timer is not None:
+                timer.cancel()
 
 
 def format_frame(frame: pd.DataFrame, fmt: str) -> str:
@@ -160,8 +182,14 @@ def format_frame(frame: pd.DataFrame, fmt: str) -> str:
 def sql_from_cli(args) -> int:
     import duckdb
 
+    if args.timeout <= 0:
+        print("scim-pipeline sql: --timeout must be a positive number of seconds", file=sys.stderr)
+        return 2
     try:
-        frame = query(args.query)
+        frame = query(args.query, args.timeout)
+    except QueryTimeout as exc:
+        print(f"scim-pipeline sql: {exc}", file=sys.stderr)
+        return 1
     except WarehouseBusy as exc:
         print(f"scim-pipeline sql: {exc}; try again", file=sys.stderr)
         return 1
