@@ -48,12 +48,13 @@ def read_dotenv(path: Path) -> dict[str, str]:
 
 def write_dotenv(path: Path, values: dict[str, str]) -> None:
     """Write dotenv lines atomically, readable by the owner only from the moment the file exists (they hold
-    secrets); ``source``-able by a shell."""
+    secrets). The lines are ``export KEY='value'``, so that a shell's ``source`` hands them to the programs it
+    starts."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as out:
-        out.write("".join(f"{k}='{v}'\n" for k, v in values.items()))
+        out.write("".join(f"export {k}='{v}'\n" for k, v in values.items()))
     tmp.replace(path)
 
 

@@ -1,7 +1,7 @@
 import pytest
 
 from scim_pipeline.cli import main
-from scim_pipeline.config import ConfigError, settings, write_dotenv
+from scim_pipeline.config import ConfigError, read_dotenv, settings, write_dotenv
 
 
 def test_missing_variable_names_it(home):
@@ -37,3 +37,14 @@ def test_every_subcommand_has_help(capsys):
             main([command, "--help"])
         assert info.value.code == 0
         assert "usage: scim-pipeline " + command in capsys.readouterr().out
+
+
+def test_a_sourced_dotenv_file_reaches_the_programs_the_shell_starts(tmp_path):
+    import subprocess
+
+    path = tmp_path / "emulator.env"
+    write_dotenv(path, {"SCALEKIT_CLIENT_ID": "skc_1", "REQUESTS_CA_BUNDLE": "/some/ca.pem"})
+    assert path.stat().st_mode & 0o777 == 0o600
+    child = subprocess.run(["bash", "-c", f'. "{path}" && env'], capture_output=True, text=True, check=True)
+    assert "SCALEKIT_CLIENT_ID=skc_1" in child.stdout.splitlines()
+    assert read_dotenv(path) == {"SCALEKIT_CLIENT_ID": "skc_1", "REQUESTS_CA_BUNDLE": "/some/ca.pem"}
