@@ -1,7 +1,12 @@
+import base64
+
 import pytest
 
 from scim_pipeline.cli import main
 from scim_pipeline.config import ConfigError, settings, write_dotenv
+
+OLD_SECRET = "whsec_" + base64.b64encode(b"old-key-" * 4).decode()
+NEW_SECRET = "whsec_" + base64.b64encode(b"new-key-" * 4).decode()
 
 
 def test_missing_variable_names_it(home):
@@ -21,12 +26,12 @@ def test_home_dotenv_fills_unset_variables_and_environment_wins(home, monkeypatc
         "SCALEKIT_ENVIRONMENT_URL": "https://localhost:8443",
         "SCALEKIT_CLIENT_ID": "skc_1",
         "SCALEKIT_CLIENT_SECRET": "s3cret",
-        "SCALEKIT_WEBHOOK_SECRET": "whsec_YWJj whsec_ZGVm",
+        "SCALEKIT_WEBHOOK_SECRET": f"{OLD_SECRET} {NEW_SECRET}",
     })
     sk = settings().scalekit()
     assert (sk.environment_url, sk.client_id) == ("https://localhost:8443", "skc_1")
     assert "s3cret" not in repr(sk)
-    assert settings().webhook_secrets() == ["whsec_YWJj", "whsec_ZGVm"]
+    assert settings().webhook_secrets() == [OLD_SECRET, NEW_SECRET]
     monkeypatch.setenv("SCALEKIT_CLIENT_ID", "skc_env")
     assert settings().scalekit().client_id == "skc_env"
 
@@ -37,3 +42,24 @@ def test_every_subcommand_has_help(capsys):
             main([command, "--help"])
         assert info.value.code == 0
         assert "usage: scim-pipeline " + command in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value, says", [
+    ("whsec_AA", "too short"), ("whsec_" + "A" * 31, "too short"), ("whsec_A", "malformed"), ("whsec_", "malformed"),
+    ("whsec_abc-def_ghi", "malformed"),  # URL-safe base64: the signer would read another key
+])
+def test_a_secret_needs_24_bytes_of_key(home, monkeypatch, value, says):
+    for name, read in (("SCALEKIT_WEBHOOK_SECRET", lambda: settings().webhook_secrets()),
+                       ("SCIM_PIPELINE_APP_SECRET", lambda: settings().app_secret())):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ConfigError, match=f"^{name} is {says}") as info:
+            read()
+        assert "\n" not in str(info.value)
+        assert value == "whsec_" or value not in str(info.value)
+
+
+def test_a_secret_of_24_bytes_is_enough_padded_or_not(home, monkeypatch):
+    key = base64.b64encode(b"k" * 24).decode()
+    unpadded = "whsec_" + base64.b64encode(b"k" * 25).decode().rstrip("=")
+    monkeypatch.setenv("SCALEKIT_WEBHOOK_SECRET", f"whsec_{key} {unpadded}")
+    assert settings().webhook_secrets() == [f"whsec_{key}", unpadded]
