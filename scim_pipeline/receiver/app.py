@@ -1,9 +1,10 @@
 """The webhook receiver: an ASGI app that accepts Scalekit's signed directory events into the durable inbox.
 
-``POST /webhooks/scalekit``: 413 for a body over the limit (declared or streamed), 401 unless the Standard Webhooks
-signature and timestamp check out, 400 for a body that is not a JSON object, else 200 once the event is durable
-(``accepted``, or ``duplicate`` for a webhook-id already stored). Event types are not judged here: the webhook
-sensor decides what to apply, so an unknown type is stored like any other.
+``POST /webhooks/scalekit``: 413 for a body over the limit (declared or streamed), 400 for a body that is not UTF-8
+(signatures are over text), 401 unless the Standard Webhooks signature and timestamp check out (``verify``), 400 for
+a body that is not a JSON object, else 200 once the event is durable (``accepted``, or ``duplicate`` for a webhook-id
+already stored). Event types are not judged here: the webhook sensor decides what to apply, so an unknown type is
+stored like any other.
 
 ``GET /healthz``: 200 with the inbox's last seq.
 """
@@ -27,7 +28,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from scim_pipeline.receiver.inbox import Inbox
-from scim_pipeline.receiver.signature import DEFAULT_TOLERANCE_S, SignatureError, Verifier
+from scim_pipeline.receiver.verify import SignatureError, WebhookVerifier
 
 log = logging.getLogger("scim_pipeline.receiver")
 
@@ -59,34 +60,41 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _parse(body: bytes) -> tuple[str, dict]:
+def _text(body: bytes) -> str:
+    # Before the signature check, which the library makes over text: such a body could be neither signed nor JSON.
     try:
-        text = body.decode("utf-8")
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Rejected(400, "body is not valid JSON") from None
+
+
+def _parse(text: str) -> dict:
+    try:
         payload = json.loads(text)
-    except (UnicodeDecodeError, ValueError):
+    except ValueError:
         raise _Rejected(400, "body is not valid JSON") from None
     if not isinstance(payload, dict):
         raise _Rejected(400, "body is not a JSON object")
-    return text, payload
+    return payload
 
 
 def create_app(
     inbox_path: str | Path,
     secrets: list[str],
-    tolerance_s: float = DEFAULT_TOLERANCE_S,
     max_body: int = MAX_BODY,
     store: bool = True,
 ) -> Starlette:
     """The receiver's ASGI app. ``store=False`` answers right after verification and parsing, without touching the
     inbox: a benchmark's ceiling, never for real use. The app's inbox is ``app.state.inbox``."""
-    verifier = Verifier(secrets, tolerance_s)
+    verifier = WebhookVerifier(secrets)
     inbox = Inbox(inbox_path)
 
     async def receive_webhook(request: Request) -> JSONResponse:
         try:
             body = await _read_body(request, max_body)
+            text = _text(body)
             webhook_id = verifier.verify(request.headers, body)
-            text, payload = _parse(body)
+            payload = _parse(text)
         except (_Rejected, SignatureError) as exc:
             status = exc.status if isinstance(exc, _Rejected) else 401
             _log_rejection(request, status, str(exc))

@@ -52,11 +52,16 @@ def test_probe_matrix_over_http(home, secret):
         r = http.post(WEBHOOK_PATH, content=chunks, headers=signed(secret, big))
         assert r.status_code == 413 and r.json() == {"error": "body over 1048576 bytes"}
 
+        # Headers that cannot be parsed are refused like any other bad signature, never a 500.
+        for header, value in (("webhook-timestamp", b"9" * 5000), ("webhook-timestamp", "\u0661".encode())):
+            r = http.post(WEBHOOK_PATH, content=body, headers={**signed(secret, body), header: value})
+            assert r.status_code == 401, r.text
+
         assert http.get("/healthz").json() == {"status": "ok", "last_seq": 3}
     assert svc.process.returncode == 0  # SIGTERM: a clean shutdown
     assert [e.webhook_id for e in Inbox(home / "inbox.sqlite").read_after(0)][0] == "msg_valid"
     log = svc.log_path.read_text()
-    assert log.count("webhook rejected") == 8
+    assert log.count("webhook rejected") == 10
     assert secret[6:] not in log and old[6:] not in log
 
 
