@@ -170,11 +170,12 @@ def start_ceiling(home: Path, secret: str) -> tuple[subprocess.Popen, int]:
 
 def serve_no_store(port: int) -> int:
     from scim_pipeline.config import settings
-    from scim_pipeline.receiver.app import create_app, listen, serve
+    from scim_pipeline.lib.asgi import bind, serve
+    from scim_pipeline.receiver.app import SERVER_OPTIONS, create_app
 
     cfg = settings()
     app = create_app(cfg.home / "unused.sqlite", cfg.webhook_secrets(), store=False)
-    return 0 if serve(app, listen("127.0.0.1", port)) else 1
+    return 0 if serve(app, bind("127.0.0.1", port), **SERVER_OPTIONS) else 1
 
 
 def line(target: Target) -> str:

@@ -15,8 +15,6 @@ import argparse
 import errno
 import json
 import logging
-import signal
-import socket
 import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from scim_pipeline.lib.asgi import bind, serve
 from scim_pipeline.receiver.inbox import Inbox
 from scim_pipeline.receiver.verify import SignatureError, WebhookVerifier
 
@@ -137,40 +136,8 @@ def _log_rejection(request: Request, status: int, reason: str) -> None:
 
 # ------------------------------------------------------------------------------------------------------ server
 
-
-def listen(host: str, port: int) -> socket.socket:
-    """A listening socket, bound before uvicorn starts so that a taken port is one clear error, not a traceback."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(2048)
-    except BaseException:
-        sock.close()
-        raise
-    sock.set_inheritable(True)
-    return sock
-
-
-def serve(app, sock: socket.socket) -> bool:
-    """Run ``app`` with uvicorn on ``sock`` until SIGTERM or SIGINT; True if it shut down cleanly."""
-    import uvicorn
-
-    config = uvicorn.Config(
-        app, loop="auto", http="auto", ws="none", lifespan="on", access_log=False, log_level="info",
-        timeout_graceful_shutdown=10,
-    )
-    server = uvicorn.Server(config)
-    # Uvicorn re-raises the stopping signal after its graceful shutdown; with these neutral handlers in place, that
-    # ends in a normal return (exit code 0) rather than death by signal.
-    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        server.run(sockets=[sock])
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return server.started
+# The inbox opens and closes with the app's lifespan; requests still in flight at shutdown get 10 s to finish.
+SERVER_OPTIONS = {"lifespan": True, "access_log": False, "timeout_graceful_shutdown": 10}
 
 
 def run_from_cli(args: argparse.Namespace) -> int:
@@ -180,7 +147,7 @@ def run_from_cli(args: argparse.Namespace) -> int:
     cfg = settings()
     secrets = cfg.webhook_secrets()  # ConfigError propagates: the CLI prints it as one line
     try:
-        sock = listen(args.host, args.port)
+        sock = bind(args.host, args.port)
     except OSError as exc:
         reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
         print(f"scim-pipeline webhooks: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)
@@ -195,7 +162,7 @@ def run_from_cli(args: argparse.Namespace) -> int:
     log.info("webhook receiver on http://%s:%d%s, inbox %s, %d secret(s)", args.host, args.port, WEBHOOK_PATH,
              cfg.inbox_path, len(secrets))
     try:
-        return 0 if serve(app, sock) else 1
+        return 0 if serve(app, sock, **SERVER_OPTIONS) else 1
     finally:
         app.state.inbox.close()
         sock.close()
