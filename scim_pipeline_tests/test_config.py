@@ -63,3 +63,13 @@ def test_a_secret_of_24_bytes_is_enough_padded_or_not(home, monkeypatch):
     unpadded = "whsec_" + base64.b64encode(b"k" * 25).decode().rstrip("=")
     monkeypatch.setenv("SCALEKIT_WEBHOOK_SECRET", f"whsec_{key} {unpadded}")
     assert settings().webhook_secrets() == [f"whsec_{key}", unpadded]
+
+
+def test_the_services_generate_secrets_the_settings_accept(home, monkeypatch):
+    from scim_pipeline.devstack.demo_app.app import generate_secret
+    from scim_pipeline.devstack.emulator.webhooks import new_webhook_secret
+
+    for secret in (new_webhook_secret(), generate_secret()):
+        monkeypatch.setenv("SCALEKIT_WEBHOOK_SECRET", secret)
+        monkeypatch.setenv("SCIM_PIPELINE_APP_SECRET", secret)
+        assert settings().webhook_secrets() == [secret] and settings().app_secret() == secret
