@@ -25,14 +25,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
+
+from standardwebhooks import Webhook
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scim_pipeline.devstack import services  # noqa: E402
 from scim_pipeline.receiver.app import WEBHOOK_PATH  # noqa: E402
 from scim_pipeline.receiver.inbox import Inbox  # noqa: E402
-from scim_pipeline.receiver.signature import signed_headers  # noqa: E402
 
 TARGET_EVENTS_PER_S = 2000
 TARGET_P99_MS = 50.0
@@ -41,6 +43,7 @@ TARGET_P99_MS = 50.0
 def build_requests(secret: str, port: int, count: int, tag: str) -> list[bytes]:
     """Signed, realistic `user_updated` events as complete HTTP/1.1 requests (~1 KB bodies)."""
     ts = int(time.time())
+    webhook, when = Webhook(secret), datetime.fromtimestamp(ts, timezone.utc)
     requests = []
     for i in range(count):
         body = json.dumps({
@@ -56,7 +59,9 @@ def build_requests(secret: str, port: int, count: int, tag: str) -> list[bytes]:
                                    "title": "Engineer", "department": "R&D", "padding": "x" * 400},
             },
         }).encode()
-        headers = signed_headers(secret, f"msg_{tag}_{i}", body, ts)
+        webhook_id = f"msg_{tag}_{i}"
+        headers = {"webhook-id": webhook_id, "webhook-timestamp": str(ts),
+                   "webhook-signature": webhook.sign(webhook_id, when, body.decode())}
         head = (
             f"POST {WEBHOOK_PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n"
@@ -165,11 +170,12 @@ def start_ceiling(home: Path, secret: str) -> tuple[subprocess.Popen, int]:
 
 def serve_no_store(port: int) -> int:
     from scim_pipeline.config import settings
-    from scim_pipeline.receiver.app import create_app, listen, serve
+    from scim_pipeline.lib.asgi import bind, serve
+    from scim_pipeline.receiver.app import SERVER_OPTIONS, create_app
 
     cfg = settings()
     app = create_app(cfg.home / "unused.sqlite", cfg.webhook_secrets(), store=False)
-    return 0 if serve(app, listen("127.0.0.1", port)) else 1
+    return 0 if serve(app, bind("127.0.0.1", port), **SERVER_OPTIONS) else 1
 
 
 def line(target: Target) -> str:

@@ -1,4 +1,4 @@
-"""Settings of one installation, read from the environment (docs/configuration.md).
+"""Settings of one installation, read from the environment.
 
 Every process of an installation shares ``SCIM_PIPELINE_HOME``. Values come from the environment first; where a
 variable is unset, the dotenv files that the embedded services write into the home (``emulator.env`` by the Scalekit
@@ -8,6 +8,8 @@ Secrets are held here and never printed: ``Settings.__repr__`` masks them.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 from dataclasses import dataclass, field
@@ -25,6 +27,8 @@ OUTBOX_INDEX_FILE = "outbox.sqlite"
 # Where the SDK's token request (requests) and gRPC channel read the CA roots they trust.
 CA_VARS = ("REQUESTS_CA_BUNDLE", "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH")
 
+SECRET_PREFIX = "whsec_"
+MIN_SECRET_BYTES = 24  # the least the Standard Webhooks protocol recommends for a signing key
 _SECRET_RE = re.compile(r"^whsec_[A-Za-z0-9+/=]+$")
 
 
@@ -72,8 +76,20 @@ def lookup(name: str, home_dir: Path | None = None) -> str | None:
 
 
 def _secret(name: str, value: str) -> str:
+    """``value`` if it is a ``whsec_<base64>`` signing secret whose key is long enough, else ConfigError naming
+    ``name`` (never the value)."""
+    malformed = ConfigError(f"{name} is malformed: expected a secret of the form whsec_<base64>")
     if not _SECRET_RE.match(value):
-        raise ConfigError(f"{name} is malformed: expected a secret of the form whsec_<base64>")
+        raise malformed
+    try:
+        # Decoded as the standardwebhooks library decodes it (padding optional), so that this is the key it signs with.
+        key = base64.b64decode(value[len(SECRET_PREFIX):] + "==")
+    except binascii.Error:
+        raise malformed from None
+    if len(key) < MIN_SECRET_BYTES:
+        # A short key can be found by brute force from one signed request; refused at start-up, not at the first event.
+        raise ConfigError(f"{name} is too short: expected at least {MIN_SECRET_BYTES} bytes of key after whsec_ "
+                          f"(base64 of {MIN_SECRET_BYTES} to 64 random bytes)")
     return value
 
 

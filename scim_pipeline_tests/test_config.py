@@ -1,7 +1,12 @@
+import base64
+
 import pytest
 
 from scim_pipeline.cli import main
 from scim_pipeline.config import ConfigError, read_dotenv, settings, write_dotenv
+
+OLD_SECRET = "whsec_" + base64.b64encode(b"old-key-" * 4).decode()
+NEW_SECRET = "whsec_" + base64.b64encode(b"new-key-" * 4).decode()
 
 
 def test_missing_variable_names_it(home):
@@ -21,12 +26,12 @@ def test_home_dotenv_fills_unset_variables_and_environment_wins(home, monkeypatc
         "SCALEKIT_ENVIRONMENT_URL": "https://localhost:8443",
         "SCALEKIT_CLIENT_ID": "skc_1",
         "SCALEKIT_CLIENT_SECRET": "s3cret",
-        "SCALEKIT_WEBHOOK_SECRET": "whsec_YWJj whsec_ZGVm",
+        "SCALEKIT_WEBHOOK_SECRET": f"{OLD_SECRET} {NEW_SECRET}",
     })
     sk = settings().scalekit()
     assert (sk.environment_url, sk.client_id) == ("https://localhost:8443", "skc_1")
     assert "s3cret" not in repr(sk)
-    assert settings().webhook_secrets() == ["whsec_YWJj", "whsec_ZGVm"]
+    assert settings().webhook_secrets() == [OLD_SECRET, NEW_SECRET]
     monkeypatch.setenv("SCALEKIT_CLIENT_ID", "skc_env")
     assert settings().scalekit().client_id == "skc_env"
 
@@ -48,3 +53,34 @@ def test_a_sourced_dotenv_file_reaches_the_programs_the_shell_starts(tmp_path):
     child = subprocess.run(["bash", "-c", f'. "{path}" && env'], capture_output=True, text=True, check=True)
     assert "SCALEKIT_CLIENT_ID=skc_1" in child.stdout.splitlines()
     assert read_dotenv(path) == {"SCALEKIT_CLIENT_ID": "skc_1", "REQUESTS_CA_BUNDLE": "/some/ca.pem"}
+
+
+@pytest.mark.parametrize("value, says", [
+    ("whsec_AA", "too short"), ("whsec_" + "A" * 31, "too short"), ("whsec_A", "malformed"), ("whsec_", "malformed"),
+    ("whsec_abc-def_ghi", "malformed"),  # URL-safe base64: the signer would read another key
+])
+def test_a_secret_needs_24_bytes_of_key(home, monkeypatch, value, says):
+    for name, read in (("SCALEKIT_WEBHOOK_SECRET", lambda: settings().webhook_secrets()),
+                       ("SCIM_PIPELINE_APP_SECRET", lambda: settings().app_secret())):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ConfigError, match=f"^{name} is {says}") as info:
+            read()
+        assert "\n" not in str(info.value)
+        assert value == "whsec_" or value not in str(info.value)
+
+
+def test_a_secret_of_24_bytes_is_enough_padded_or_not(home, monkeypatch):
+    key = base64.b64encode(b"k" * 24).decode()
+    unpadded = "whsec_" + base64.b64encode(b"k" * 25).decode().rstrip("=")
+    monkeypatch.setenv("SCALEKIT_WEBHOOK_SECRET", f"whsec_{key} {unpadded}")
+    assert settings().webhook_secrets() == [f"whsec_{key}", unpadded]
+
+
+def test_the_services_generate_secrets_the_settings_accept(home, monkeypatch):
+    from scim_pipeline.devstack.demo_app.app import generate_secret
+    from scim_pipeline.devstack.emulator.webhooks import new_webhook_secret
+
+    for secret in (new_webhook_secret(), generate_secret()):
+        monkeypatch.setenv("SCALEKIT_WEBHOOK_SECRET", secret)
+        monkeypatch.setenv("SCIM_PIPELINE_APP_SECRET", secret)
+        assert settings().webhook_secrets() == [secret] and settings().app_secret() == secret

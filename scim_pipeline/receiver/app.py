@@ -1,9 +1,10 @@
 """The webhook receiver: an ASGI app that accepts Scalekit's signed directory events into the durable inbox.
 
-``POST /webhooks/scalekit``: 413 for a body over the limit (declared or streamed), 401 unless the Standard Webhooks
-signature and timestamp check out, 400 for a body that is not a JSON object, else 200 once the event is durable
-(``accepted``, or ``duplicate`` for a webhook-id already stored). Event types are not judged here: the webhook
-sensor decides what to apply, so an unknown type is stored like any other.
+``POST /webhooks/scalekit``: 413 for a body over the limit (declared or streamed), 400 for a body that is not UTF-8
+(signatures are over text), 401 unless the Standard Webhooks signature and timestamp check out (``verify``), 400 for
+a body that is not a JSON object, else 200 once the event is durable (``accepted``, or ``duplicate`` for a webhook-id
+already stored). Event types are not judged here: the webhook sensor decides what to apply, so an unknown type is
+stored like any other.
 
 ``GET /healthz``: 200 with the inbox's last seq.
 """
@@ -14,8 +15,6 @@ import argparse
 import errno
 import json
 import logging
-import signal
-import socket
 import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,8 +25,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from scim_pipeline.lib.asgi import bind, serve
 from scim_pipeline.receiver.inbox import Inbox
-from scim_pipeline.receiver.signature import DEFAULT_TOLERANCE_S, SignatureError, Verifier
+from scim_pipeline.receiver.verify import SignatureError, WebhookVerifier
 
 log = logging.getLogger("scim_pipeline.receiver")
 
@@ -59,34 +59,41 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _parse(body: bytes) -> tuple[str, dict]:
+def _text(body: bytes) -> str:
+    # Before the signature check, which the library makes over text: such a body could be neither signed nor JSON.
     try:
-        text = body.decode("utf-8")
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Rejected(400, "body is not valid JSON") from None
+
+
+def _parse(text: str) -> dict:
+    try:
         payload = json.loads(text)
-    except (UnicodeDecodeError, ValueError):
+    except ValueError:
         raise _Rejected(400, "body is not valid JSON") from None
     if not isinstance(payload, dict):
         raise _Rejected(400, "body is not a JSON object")
-    return text, payload
+    return payload
 
 
 def create_app(
     inbox_path: str | Path,
     secrets: list[str],
-    tolerance_s: float = DEFAULT_TOLERANCE_S,
     max_body: int = MAX_BODY,
     store: bool = True,
 ) -> Starlette:
     """The receiver's ASGI app. ``store=False`` answers right after verification and parsing, without touching the
     inbox: a benchmark's ceiling, never for real use. The app's inbox is ``app.state.inbox``."""
-    verifier = Verifier(secrets, tolerance_s)
+    verifier = WebhookVerifier(secrets)
     inbox = Inbox(inbox_path)
 
     async def receive_webhook(request: Request) -> JSONResponse:
         try:
             body = await _read_body(request, max_body)
+            text = _text(body)
             webhook_id = verifier.verify(request.headers, body)
-            text, payload = _parse(body)
+            payload = _parse(text)
         except (_Rejected, SignatureError) as exc:
             status = exc.status if isinstance(exc, _Rejected) else 401
             _log_rejection(request, status, str(exc))
@@ -129,40 +136,8 @@ def _log_rejection(request: Request, status: int, reason: str) -> None:
 
 # ------------------------------------------------------------------------------------------------------ server
 
-
-def listen(host: str, port: int) -> socket.socket:
-    """A listening socket, bound before uvicorn starts so that a taken port is one clear error, not a traceback."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(2048)
-    except BaseException:
-        sock.close()
-        raise
-    sock.set_inheritable(True)
-    return sock
-
-
-def serve(app, sock: socket.socket) -> bool:
-    """Run ``app`` with uvicorn on ``sock`` until SIGTERM or SIGINT; True if it shut down cleanly."""
-    import uvicorn
-
-    config = uvicorn.Config(
-        app, loop="auto", http="auto", ws="none", lifespan="on", access_log=False, log_level="info",
-        timeout_graceful_shutdown=10,
-    )
-    server = uvicorn.Server(config)
-    # Uvicorn re-raises the stopping signal after its graceful shutdown; with these neutral handlers in place, that
-    # ends in a normal return (exit code 0) rather than death by signal.
-    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        server.run(sockets=[sock])
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return server.started
+# The inbox opens and closes with the app's lifespan; requests still in flight at shutdown get 10 s to finish.
+SERVER_OPTIONS = {"lifespan": True, "access_log": False, "timeout_graceful_shutdown": 10}
 
 
 def run_from_cli(args: argparse.Namespace) -> int:
@@ -172,7 +147,7 @@ def run_from_cli(args: argparse.Namespace) -> int:
     cfg = settings()
     secrets = cfg.webhook_secrets()  # ConfigError propagates: the CLI prints it as one line
     try:
-        sock = listen(args.host, args.port)
+        sock = bind(args.host, args.port)
     except OSError as exc:
         reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
         print(f"scim-pipeline webhooks: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)
@@ -187,7 +162,7 @@ def run_from_cli(args: argparse.Namespace) -> int:
     log.info("webhook receiver on http://%s:%d%s, inbox %s, %d secret(s)", args.host, args.port, WEBHOOK_PATH,
              cfg.inbox_path, len(secrets))
     try:
-        return 0 if serve(app, sock) else 1
+        return 0 if serve(app, sock, **SERVER_OPTIONS) else 1
     finally:
         app.state.inbox.close()
         sock.close()

@@ -14,7 +14,7 @@ from scim_pipeline.config import settings
 from scim_pipeline.defs.webhooks.sensor import webhook_events_sensor
 from scim_pipeline.definitions import defs
 from scim_pipeline.receiver.inbox import Inbox
-from scim_pipeline.receiver.signature import signed_headers
+from scim_pipeline_tests.receiver.helpers import signed
 
 
 def start_receiver(world):
@@ -108,7 +108,7 @@ def test_a_late_update_never_brings_back_a_deleted_user(world):
         body = json.dumps(late).encode()
         secret = world.emulator.env["SCALEKIT_WEBHOOK_SECRET"]
         answer = httpx.post(f"{receiver.url}/webhooks/scalekit", content=body,
-                            headers={**signed_headers(secret, "msg_late_1", body), "content-type": "application/json"})
+                            headers={**signed(secret, body, "msg_late_1"), "content-type": "application/json"})
         assert answer.status_code == 200
         apply_webhooks(cursor)
 

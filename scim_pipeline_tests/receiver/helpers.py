@@ -1,6 +1,8 @@
 """Signed Scalekit events for the receiver tests."""
 
 import base64
+import hashlib
+import hmac
 import itertools
 import json
 import os
@@ -34,3 +36,14 @@ def signed(secret: str, body: bytes, webhook_id: str | None = None, timestamp: i
     ts = int(time.time()) if timestamp is None else timestamp
     signature = Webhook(secret).sign(webhook_id, datetime.fromtimestamp(ts, timezone.utc), body.decode())
     return {"webhook-id": webhook_id, "webhook-timestamp": str(ts), "webhook-signature": signature}
+
+
+def signed_bytes(secret: str, body: bytes, webhook_id: str = "msg_bytes",
+                 timestamp: int | None = None) -> dict[str, str]:
+    """Standard Webhooks headers computed by hand over the raw bytes: the reference library signs only text, and
+    these also check that what the receiver accepts is the protocol, not just whatever that library produces."""
+    ts = str(int(time.time()) if timestamp is None else timestamp)
+    key = base64.b64decode(secret.removeprefix("whsec_") + "==")
+    mac = hmac.new(key, b"%s.%s.%s" % (webhook_id.encode(), ts.encode(), body), hashlib.sha256).digest()
+    signature = "v1," + base64.b64encode(mac).decode()
+    return {"webhook-id": webhook_id, "webhook-timestamp": ts, "webhook-signature": signature}

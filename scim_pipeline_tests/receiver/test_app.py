@@ -9,7 +9,7 @@ from starlette.testclient import TestClient
 
 from scim_pipeline.receiver.app import WEBHOOK_PATH, create_app
 from scim_pipeline.receiver.inbox import Inbox
-from scim_pipeline_tests.receiver.helpers import event_body, new_secret, signed
+from scim_pipeline_tests.receiver.helpers import event_body, new_secret, signed, signed_bytes
 
 
 @pytest.fixture
@@ -84,17 +84,37 @@ def test_rejected_with_401_and_nothing_stored(client, secret, inbox_path, probe,
     assert secret not in r.text
 
 
+@pytest.mark.parametrize("header, value", [
+    ("webhook-timestamp", b"9" * 5000),  # past int()'s 4300-digit limit
+    ("webhook-timestamp", b"1e400"), ("webhook-timestamp", b"nan"), ("webhook-timestamp", b"-inf"),
+    ("webhook-timestamp", "\u0661\u0668\u0660\u0660".encode()),  # Arabic-Indic digits, sent as UTF-8 bytes
+    ("webhook-timestamp", b"\xff\xfe"),
+    ("webhook-signature", b"v1"), ("webhook-signature", b"v1,a,b"), ("webhook-signature", b"v1,abc"),
+    ("webhook-signature", "v1,\u00e9\u00e9\u00e9\u00e9".encode()), ("webhook-signature", b"v1,\xff\xfe"),
+    ("webhook-id", "\u00e9".encode()),
+])
+def test_unparseable_header_is_401_not_500(client, secret, inbox_path, header, value):
+    body = event_body()
+    headers = {**signed(secret, body), header: value}
+    r = post(client, body, headers)
+    assert r.status_code == 401 and set(r.json()) == {"error"}
+    assert stored_ids(inbox_path) == []
+
+
 @pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'"text"', b"", b"\xff\xfe{}"])
 def test_malformed_json_is_400(client, secret, inbox_path, body):
-    r = post(client, body, signed(secret, body) if body.isascii() else _sign_bytes(secret, body))
+    r = post(client, body, signed(secret, body) if body.isascii() else signed_bytes(secret, body))
     assert r.status_code == 400 and "error" in r.json()
     assert stored_ids(inbox_path) == []
 
 
-def _sign_bytes(secret, body):
-    from scim_pipeline.receiver.signature import signed_headers
-
-    return signed_headers(secret, "msg_bin", body)
+def test_a_body_that_is_not_utf8_is_400_signed_or_not(client, secret, inbox_path):
+    # The signature is checked over text, which such a body is not; it could not be JSON either.
+    body = b'{"type": "\xe9"}'
+    for headers in (signed_bytes(secret, body), {}):
+        r = post(client, body, headers)
+        assert r.status_code == 400 and r.json() == {"error": "body is not valid JSON"}
+    assert stored_ids(inbox_path) == []
 
 
 def test_oversized_body_is_413_with_content_length(client, secret, inbox_path):

@@ -52,11 +52,16 @@ def test_probe_matrix_over_http(home, secret):
         r = http.post(WEBHOOK_PATH, content=chunks, headers=signed(secret, big))
         assert r.status_code == 413 and r.json() == {"error": "body over 1048576 bytes"}
 
+        # Headers that cannot be parsed are refused like any other bad signature, never a 500.
+        for header, value in (("webhook-timestamp", b"9" * 5000), ("webhook-timestamp", "\u0661".encode())):
+            r = http.post(WEBHOOK_PATH, content=body, headers={**signed(secret, body), header: value})
+            assert r.status_code == 401, r.text
+
         assert http.get("/healthz").json() == {"status": "ok", "last_seq": 3}
     assert svc.process.returncode == 0  # SIGTERM: a clean shutdown
     assert [e.webhook_id for e in Inbox(home / "inbox.sqlite").read_after(0)][0] == "msg_valid"
     log = svc.log_path.read_text()
-    assert log.count("webhook rejected") == 8
+    assert log.count("webhook rejected") == 10
     assert secret[6:] not in log and old[6:] not in log
 
 
@@ -134,13 +139,20 @@ def _run_cli(home, port: int, env_extra: dict) -> subprocess.CompletedProcess:
                           env=env, capture_output=True, text=True, timeout=30)
 
 
-@pytest.mark.parametrize("value, says", [(None, "is not set"), ("not-a-secret", "is malformed")])
+@pytest.mark.parametrize("value, says", [
+    (None, "is not set"), ("not-a-secret", "is malformed"),
+    # A key that decodes to 1 byte, and one that is not even base64: refused before serving, not at the first event.
+    ("whsec_AA", "is too short"), ("whsec_A", "is malformed"),
+    # One short secret among good ones spoils the rotation list: it is named, not skipped.
+    (f"{new_secret()} whsec_AAAA", "is too short"),
+])
 def test_missing_or_malformed_secret_is_one_line(home, value, says):
     result = _run_cli(home, services.free_port(), {} if value is None else {"SCALEKIT_WEBHOOK_SECRET": value})
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "SCALEKIT_WEBHOOK_SECRET" in lines[0] and says in lines[0], result.stderr
-    assert "not-a-secret" not in result.stderr
+    for secret in (value or "").split():
+        assert secret not in result.stderr
 
 
 def test_port_taken_is_one_line(home, secret):

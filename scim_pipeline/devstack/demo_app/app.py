@@ -16,14 +16,11 @@ import logging
 import os
 import random
 import secrets
-import signal
-import socket
 import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import uvicorn
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 from starlette.applications import Starlette
@@ -33,6 +30,7 @@ from starlette.routing import Route
 
 from scim_pipeline.config import APP_ENV_FILE, ConfigError, Settings, settings, write_dotenv
 from scim_pipeline.devstack.demo_app.store import IdempotencyConflict, Store, parse_batch
+from scim_pipeline.lib.asgi import bind, serve
 
 STORE_FILE = "app.sqlite"
 SECRET_VAR = "SCIM_PIPELINE_APP_SECRET"
@@ -158,19 +156,6 @@ def _seed() -> int | None:
         raise ConfigError(f"{SEED_VAR} is malformed: expected an integer, got {raw!r}") from None
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    """Bind (not yet listen) so that a taken port is one clear error and ``--port 0`` gives a known port."""
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 def _url(host: str, port: int) -> str:
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
@@ -190,7 +175,7 @@ def run_from_cli(args: argparse.Namespace) -> int:
     faults = Faults(args.fail_rate, args.rate_limit_rate, _seed())
 
     try:
-        sock = _bind(args.host, args.port)
+        sock = bind(args.host, args.port)  # before app.env is written: ``--port 0`` gives a known port
     except OSError as exc:
         print(f"scim-pipeline app: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
@@ -200,24 +185,16 @@ def run_from_cli(args: argparse.Namespace) -> int:
     write_dotenv(env_file, {SECRET_VAR: secret, URL_VAR: url} if owned else {URL_VAR: url})
 
     store = Store(cfg.home / STORE_FILE)
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(store, secret, faults), lifespan="off", log_level="info", access_log=True)
-    )
-    # uvicorn handles SIGINT/SIGTERM while serving and re-raises them once shut down; these handlers absorb the
-    # re-raise so that the store closes and the command exits 0, and stop a server whose loop has not started yet.
-    stop = lambda signum, frame: setattr(server, "should_exit", True)  # noqa: E731
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     print(
         f"scim-pipeline app: listening on {url} (fail-rate {args.fail_rate}, rate-limit-rate {args.rate_limit_rate});"
         f" {'secret and URL' if owned else 'URL'} in {env_file}",
         flush=True,
     )
     try:
-        server.run(sockets=[sock])
+        # No lifespan (the store is opened and closed here); each request logged, to watch the pipeline deliver.
+        served = serve(create_app(store, secret, faults), sock, lifespan=False, access_log=True)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         store.close()
         sock.close()
     print("scim-pipeline app: stopped", flush=True)
-    return 0
+    return 0 if served else 1
