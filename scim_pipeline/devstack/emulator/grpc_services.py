@@ -28,7 +28,6 @@ from scalekit.v1.organizations import organizations_pb2 as opb
 from scalekit.v1.organizations import organizations_pb2_grpc as ogrpc
 
 from scim_pipeline.devstack.emulator import events as ev
-from scim_pipeline.devstack.emulator import wire
 from scim_pipeline.devstack.emulator.directory import Directory, DirectoryStore, Group, Organization, User
 from scim_pipeline.devstack.emulator.gateway import FaultInjector, Tokens
 
@@ -93,26 +92,20 @@ def directory_pb(store: DirectoryStore, d: Directory, endpoint_base: str) -> dpb
     )
 
 
-_USER_DETAIL_TAG = wire.varint(dpb.DirectoryUser.DESCRIPTOR.fields_by_name["user_detail"].number << 3 | 2)
-_USERS_TAG = wire.varint(dpb.ListDirectoryUsersResponse.DESCRIPTOR.fields_by_name["users"].number << 3 | 2)
-
-
 def user_entry(store: DirectoryStore, user: User, detail: bool) -> bytes:
-    """``user`` as one serialized entry of ``ListDirectoryUsersResponse.users`` (cached until the user changes).
-
-    The SCIM detail is encoded straight to wire format (``wire.struct_bytes``) and appended to the message's bytes:
-    a field appended to a serialized message is a field of that message."""
+    """``user`` as a serialized ``ListDirectoryUsersResponse`` holding only that user (cached until the user changes);
+    a page concatenates these entries."""
     cached = user._pb_detail if detail else user._pb
     if cached is not None:
         return cached
-    msg = dpb.DirectoryUser(
+    response = dpb.ListDirectoryUsersResponse()
+    entry = response.users.add(
         id=user.id, email=user.email, preferred_username=user.preferred_username, given_name=user.given_name,
         family_name=user.family_name, updated_at=timestamp(user.updated_at), emails=[v for v, _ in user.emails],
-        groups=[dpb.DirectoryGroup(id=gid, display_name=store.groups[gid].display_name) for gid in user.groups],
-    ).SerializeToString()
+        groups=[dpb.DirectoryGroup(id=gid, display_name=store.groups[gid].display_name) for gid in user.groups])
     if detail:
-        msg += wire.length_delimited(_USER_DETAIL_TAG, ev.scim_user_bytes(store, user))
-    cached = wire.length_delimited(_USERS_TAG, msg)
+        entry.user_detail.update(ev.scim_user(store, user))
+    cached = response.SerializeToString()
     if detail:
         user._pb_detail = cached
     else:

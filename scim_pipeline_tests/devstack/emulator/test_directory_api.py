@@ -3,12 +3,15 @@
 
 import pytest
 from google.protobuf.json_format import MessageToDict
+from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
 from scalekit.common.exceptions import (
     ScalekitBadRequestException, ScalekitNotFoundException, ScalekitUnauthorizedException,
 )
 from scalekit.v1.directories.directories_pb2 import ListDirectoryUsersRequest
 
+from scim_pipeline.devstack.emulator.events import scim_user
+from scim_pipeline.devstack.emulator.synthetic import generate
 from scim_pipeline_tests.devstack.emulator.sdk_reader import list_all_users, snapshot
 from scim_pipeline_tests.emulator_support import RunningEmulator
 
@@ -64,6 +67,22 @@ def test_user_detail_is_a_scim_resource(shared_emulator):
     # Without include_detail the detail is left out, as in Scalekit.
     response, _ = _list_users(client, organization_id=org["id"], directory_id=d["id"], page_size=5)
     assert not response.users[0].HasField("user_detail")
+
+
+def test_user_detail_the_sdk_receives_is_the_scim_resource_built_for_the_user(shared_emulator):
+    # The same seed and sizes as the shared emulator build the same directory in this process.
+    store, _ = generate(11, 3, 75, 6)
+    assert store.truth() == shared_emulator.state()
+    client = shared_emulator.client()
+    seen = 0
+    for org in store.organizations.values():
+        for d in org.directories:
+            for user in list_all_users(client, org.id, d.id):
+                expected = Struct()
+                expected.update(scim_user(store, store.users[user.id]))
+                assert user.user_detail == expected
+                seen += 1
+    assert seen == len(store.users)
 
 
 def test_get_organization_and_directory(shared_emulator):
