@@ -351,3 +351,17 @@ def test_a_timestamp_whose_nanos_bring_it_back_within_the_years_1_to_9999_is_one
         (line,) = converted_both_ways(pb.ListDirectoryUsersResponse(users=[user]).SerializeToString()).records()
         assert line["updated_at"] == text
 
+
+def test_the_reference_does_not_lean_on_the_extension_it_checks(monkeypatch):
+    """users_page_py wrote the detail through struct_json, which is the extension when it is built: the reference
+    then agreed with the extension by construction."""
+    monkeypatch.setattr(records, "_records", None)
+    user = pb.DirectoryUser(id="u")
+    user.user_detail.update({"b": [1, {"x": None}], "a": "é"})
+    data = pb.ListDirectoryUsersResponse(users=[user]).SerializeToString()
+    monkeypatch.undo()
+    with_extension = records.users_page_py(data, "org_1", "dir_1")
+    monkeypatch.setattr(records, "_records", None)
+    assert records.users_page_py(data, "org_1", "dir_1") == with_extension
+    monkeypatch.setattr(records, "struct_json", lambda struct: pytest.fail("the reference used struct_json"))
+    assert records.users_page_py(data, "org_1", "dir_1") == with_extension
