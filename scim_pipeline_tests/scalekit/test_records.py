@@ -291,7 +291,10 @@ def _nested(levels: int, leaf: bytes, kind: int = 5) -> bytes:
     """A Struct whose "root" holds ``levels`` nested struct_values (kind 5) or list_values (kind 6), then ``leaf``."""
     node = leaf
     for _ in range(levels):
-        node = (b"\x2a" + _ld(b"\x0a" + _ld(b"\x0a\x01n\x12" + _ld(node)))) if kind == 5 else (b"\x32" + _ld(b"\x0a" + _ld(node)))
+        if kind == 5:  # struct_value { fields { key: "n", value: node } }
+            node = b"\x2a" + _ld(b"\x0a" + _ld(b"\x0a\x01n\x12" + _ld(node)))
+        else:  # list_value { values: node }
+            node = b"\x32" + _ld(b"\x0a" + _ld(node))
     return b"\x0a" + _ld(b"\x0a\x04root\x12" + _ld(node))
 
 
