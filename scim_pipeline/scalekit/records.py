@@ -78,7 +78,10 @@ def groups_page(data: bytes, organization_id: str, directory_id: str) -> Page:
 
 
 def user_record(organization_id: str, directory_id: str, user) -> dict:
-    """A ``DirectoryUser`` as a warehouse record; its SCIM detail is JSON text (written into the record as is)."""
+    """A ``DirectoryUser`` as a warehouse record; its SCIM detail is JSON text (written into the record as is).
+
+    Only ``users_page_py`` calls this, so the detail goes through ``struct_json_py``: the reference must not lean on
+    the extension it checks (and without the extension the two are the same)."""
     detail = user.user_detail
     active = detail.fields.get("active")
     return {
@@ -93,7 +96,7 @@ def user_record(organization_id: str, directory_id: str, user) -> dict:
         "emails": sorted(user.emails),
         "groups": [{"id": g.id, "name": g.display_name} for g in user.groups],
         "updated_at": _time(user.updated_at),
-        "detail": orjson.Fragment(struct_json(detail)),
+        "detail": orjson.Fragment(struct_json_py(detail)),
     }
 
 
