@@ -14,6 +14,7 @@ from scim_pipeline.lib.clock import utcnow
 from scim_pipeline.provisioning.outbox_index import OutboxIndex
 from scim_pipeline.warehouse.connection import Warehouse, WarehouseBusy
 from scim_pipeline.defs.instance import dagster_instance
+from scim_pipeline.defs.run_process import process_tags
 from scim_pipeline.defs.run_reaper import reap_dead_runs
 
 QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
@@ -84,8 +85,10 @@ class SyncFailed(Exception):
     pass
 
 
-def _execute(job, instance, **kwargs):
-    result = job.execute_in_process(instance=instance, raise_on_error=False, **kwargs)
+def _execute(job, instance, tags=None, **kwargs):
+    # The run names its process from the moment it exists, so that if this process dies the run is found dead.
+    tags = {**(tags or {}), **process_tags()}
+    result = job.execute_in_process(instance=instance, raise_on_error=False, tags=tags, **kwargs)
     if not result.success:
         errors = [
             e.event_specific_data.error.message.strip().splitlines()[0]

@@ -88,3 +88,36 @@ def test_two_syncs_at_once_both_succeed_and_sql_never_breaks_them(world):
     assert second.returncode == 0, out_second[-2000:]
     assert sql_runs >= 1 and not sql_failures
     assert world.differences() == []
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> str:
+    """The output of a sync that must end within ``timeout``; one that does not is made to print its threads
+    (it runs with PYTHONFAULTHANDLER) and the test fails with them."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return out
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        out, _ = proc.communicate(timeout=30)
+        pytest.fail(f"the sync still ran after {timeout:.0f}s:\n{out[-6000:]}")
+
+
+@pytest.mark.world(orgs=30, users_per_org=6, groups_per_org=2)
+def test_a_sync_killed_after_more_than_twenty_organizations_does_not_hang_the_next(world):
+    # One run for all 30 organizations: each logs a progress line, so the run's last records carry no process id.
+    env = {"SCIM_PIPELINE_ORGS_PER_RUN": "30", "PYTHONFAULTHANDLER": "1"}
+    world.emulator.faults(latency_ms=150)
+    proc = cli("sync", env=env)
+    for line in proc.stdout:
+        if "[25/30]" in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL, "the sync ended before it could be killed half-way"
+
+    world.emulator.faults(latency_ms=0)
+    second = cli("sync", env=env)
+    out = finish(second, 120)
+    assert second.returncode == 0, out[-3000:]
+    assert "had died half-way" in out
+    assert world.differences() == []
