@@ -13,6 +13,7 @@ from scim_pipeline.config import settings
 from scim_pipeline.lib.clock import utcnow
 from scim_pipeline.provisioning.outbox_index import OutboxIndex
 from scim_pipeline.warehouse.connection import Warehouse, WarehouseBusy
+from scim_pipeline.defs import warehouse_pool
 from scim_pipeline.defs.instance import dagster_instance
 from scim_pipeline.defs.run_process import process_tags
 from scim_pipeline.defs.run_reaper import reap_dead_runs
@@ -31,7 +32,13 @@ def _say(message: str) -> None:
 def run_sync(organization_ids: list[str] | None = None, delivery_backoff_s: float | None = None,
              say=_say) -> dict:
     """Materialize the whole pipeline once, headless: catalogue, directory sync and change sets of every
-    organization (or those given), then delivery. Returns a summary; raises SyncFailed when a run fails."""
+    organization (or those given), then delivery. Returns a summary; raises SyncFailed when a run fails.
+    ``say`` is also told when a run waits for the warehouse behind another one."""
+    with warehouse_pool.reporting(say):
+        return _run_sync(organization_ids, delivery_backoff_s, say)
+
+
+def _run_sync(organization_ids: list[str] | None, delivery_backoff_s: float | None, say) -> dict:
     from scim_pipeline.defs.directory.automation import orgs_per_run, partition_ranges, range_tags
     from scim_pipeline.defs.partitions import organizations_partitions
     from scim_pipeline.definitions import defs
@@ -90,11 +97,12 @@ def _execute(job, instance, tags=None, **kwargs):
     tags = {**(tags or {}), **process_tags()}
     result = job.execute_in_process(instance=instance, raise_on_error=False, tags=tags, **kwargs)
     if not result.success:
-        errors = [
-            e.event_specific_data.error.message.strip().splitlines()[0]
-            for e in result.all_events
-            if e.is_failure and getattr(e.event_specific_data, "error", None) is not None
-        ]
+        failures = [e.event_specific_data.error for e in result.all_events
+                    if e.is_failure and getattr(e.event_specific_data, "error", None) is not None]
+        for error in failures:
+            if error.cls_name == warehouse_pool.WarehouseWaitTimeout.__name__:  # its message says it all
+                raise SyncFailed(error.message.strip().splitlines()[0].split(": ", 1)[-1])
+        errors = [error.message.strip().splitlines()[0] for error in failures]
         raise SyncFailed(f"run {result.run_id[:8]} of {job.name} failed: " + ("; ".join(errors) or "see its logs"))
     return result
 

@@ -29,8 +29,8 @@ class WarehouseResource(dg.ConfigurableResource):
     def create_resource(self, context: dg.InitResourceContext) -> Warehouse:
         # Resources are initialized as the run starts, before any step claims the warehouse pool's slot: the run's
         # process records itself here, so that a run holding the slot can always be traced to its process.
-        if context.dagster_run is not None and context.instance is not None:
-            run_process.record(context.instance, context.dagster_run)
+        if context.run is not None and context.instance is not None:
+            run_process.record(context.instance, context.run)
         return Warehouse(self.path or settings().warehouse_path, self.lock_timeout_s)
 
 

@@ -121,3 +121,101 @@ def test_a_sync_killed_after_more_than_twenty_organizations_does_not_hang_the_ne
     assert second.returncode == 0, out[-3000:]
     assert "had died half-way" in out
     assert world.differences() == []
+
+
+class Lines:
+    """A process's output, read as it comes (a full pipe would block it), that a test can wait on."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc, self.lines, self._new = proc, [], threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self._new:
+                self.lines.append(line)
+                self._new.notify_all()
+        with self._new:
+            self.lines.append(None)  # end of output
+            self._new.notify_all()
+
+    def wait_for(self, text: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._new:
+            while True:
+                for line in self.lines[seen:]:
+                    if line is None:
+                        pytest.fail(f"the process ended before printing {text!r}:\n{self.text()[-3000:]}")
+                    if text in line:
+                        return line
+                seen = len(self.lines)
+                if not self._new.wait(max(0.0, deadline - time.monotonic())) and time.monotonic() >= deadline:
+                    pytest.fail(f"no {text!r} within {timeout:.0f}s:\n{self.text()[-3000:]}")
+
+    def text(self) -> str:
+        return "".join(line for line in self.lines if line)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a live process so far."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stop_a_sync_holding_the_warehouse(world) -> subprocess.Popen:
+    """A sync whose process is alive but stopped (SIGSTOP: a hung writer) while its run holds the warehouse slot."""
+    run_sync(say=lambda _: None)
+    world.emulator.faults(latency_ms=40)
+    holder = cli("sync")
+    holder_out = Lines(holder)
+    holder_out.wait_for("[1/4]", 120)
+    holder.send_signal(signal.SIGSTOP)
+    world.emulator.faults(latency_ms=0)
+    holder.holder_out = holder_out
+    return holder
+
+
+def resume(holder: subprocess.Popen) -> None:
+    """Let the stopped sync go on to its end (an organization whose call to Scalekit timed out while it was stopped
+    may fail: that is the stop's doing, not the test's subject)."""
+    holder.send_signal(signal.SIGCONT)
+    holder.wait(120)
+
+
+def assert_nothing_left_behind(world) -> None:
+    """No run is left started, no slot held; a sync then runs to the end and converges."""
+    import dagster as dg
+    from scim_pipeline.defs.instance import dagster_instance
+
+    instance = dagster_instance()
+    assert not instance.get_run_records(dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
+    assert not instance.event_log_storage.get_concurrency_info("warehouse").claimed_slots
+    said = []
+    run_sync(say=said.append)
+    assert not any("had died" in line for line in said)
+    assert world.differences() == []
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="CPU time of another process is read from /proc")
+@pytest.mark.world(orgs=4, users_per_org=60)
+def test_a_sync_waiting_for_the_warehouse_sleeps_names_the_holder_and_gives_up(world):
+    holder = stop_a_sync_holding_the_warehouse(world)
+    try:
+        waiting = cli("sync", env={"SCIM_PIPELINE_WAREHOUSE_WAIT_S": "20", "PYTHONFAULTHANDLER": "1"})
+        out = Lines(waiting)
+        said = out.wait_for("Waiting for the warehouse", 60)
+        assert f"pid {holder.pid} on" in said and "directory_sync" in said, said
+        before, started = cpu_seconds(waiting.pid), time.monotonic()
+        time.sleep(5)
+        spent = cpu_seconds(waiting.pid) - before
+        assert spent < 0.1 * (time.monotonic() - started), f"the waiting sync used {spent:.1f}s of CPU in 5s"
+
+        waiting.wait(60)
+        assert waiting.returncode == 1, out.text()[-3000:]
+        last = out.text().strip().splitlines()[-1]
+        assert last.startswith("scim-pipeline sync: gave up waiting for the warehouse after 20s"), last
+        assert f"pid {holder.pid} on" in last
+    finally:
+        resume(holder)
+    assert_nothing_left_behind(world)
