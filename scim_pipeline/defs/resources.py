@@ -31,7 +31,9 @@ class WarehouseResource(dg.ConfigurableResource):
         # process records itself here, so that a run holding the slot can always be traced to its process.
         if context.run is not None and context.instance is not None:
             run_process.record(context.instance, context.run)
-        return Warehouse(self.path or settings().warehouse_path, self.lock_timeout_s)
+        # A step waiting for the file says so in the run's own log.
+        return Warehouse(self.path or settings().warehouse_path, self.lock_timeout_s,
+                         on_wait=context.log.warning if context.log is not None else None)
 
 
 class ScalekitResource(dg.ConfigurableResource):
