@@ -219,3 +219,80 @@ def test_a_sync_waiting_for_the_warehouse_sleeps_names_the_holder_and_gives_up(w
     finally:
         resume(holder)
     assert_nothing_left_behind(world)
+
+
+def own_runs(pid: int) -> list:
+    """The runs a sync process recorded as its own, newest first."""
+    import dagster as dg
+    from scim_pipeline.defs.instance import dagster_instance
+    from scim_pipeline.defs.run_process import PID_TAG
+
+    return [r.dagster_run for r in dagster_instance().get_run_records(dg.RunsFilter(tags={PID_TAG: str(pid)}))]
+
+
+STOP_S = 10  # "promptly": what a service manager waits before it kills
+
+
+@pytest.mark.world(orgs=4, users_per_org=60)
+def test_sigterm_stops_a_sync_waiting_for_the_warehouse_at_once_and_frees_its_claim(world):
+    import dagster as dg
+
+    holder = stop_a_sync_holding_the_warehouse(world)
+    try:
+        waiting = cli("sync", env={"PYTHONFAULTHANDLER": "1"})  # the default bound: minutes
+        out = Lines(waiting)
+        out.wait_for("Waiting for the warehouse", 60)
+        waiting.send_signal(signal.SIGTERM)
+        try:
+            waiting.wait(STOP_S)
+        except subprocess.TimeoutExpired:
+            waiting.send_signal(signal.SIGABRT)
+            waiting.wait(30)
+            pytest.fail(f"SIGTERM did not stop the sync within {STOP_S}s:\n{out.text()[-6000:]}")
+        assert waiting.returncode == -signal.SIGTERM, out.text()[-3000:]
+        last = out.text().strip().splitlines()[-1]
+        assert last.startswith("scim-pipeline sync: stopped by SIGTERM"), last
+        runs = own_runs(waiting.pid)
+        assert runs and runs[0].status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
+        assert runs[0].run_id[:8] in last
+    finally:
+        resume(holder)
+    assert_nothing_left_behind(world)
+
+
+@pytest.mark.world(orgs=4, users_per_org=120)
+def test_sigterm_stops_a_running_sync_promptly_leaving_nothing_half_written_or_held(world):
+    import dagster as dg
+
+    run_sync(say=lambda _: None)
+    truth = world.emulator.state()
+    world.emulator.mutate([
+        {"op": "update_user", "user_id": u["id"], "changes": {"family_name": "Moved"}}
+        for o in truth["organizations"] for u in o["users"]
+    ])
+    world.emulator.faults(latency_ms=150)  # organizations take seconds each to list
+    proc = cli("sync", env={"PYTHONFAULTHANDLER": "1"})
+    out = Lines(proc)
+    out.wait_for("[1/4]", 120)
+    proc.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    try:
+        proc.wait(STOP_S)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        proc.wait(30)
+        pytest.fail(f"SIGTERM did not stop the sync within {STOP_S}s:\n{out.text()[-6000:]}")
+    print(f"stopped {time.monotonic() - started:.1f}s after SIGTERM")
+    assert proc.returncode == -signal.SIGTERM, out.text()[-3000:]
+    last = out.text().strip().splitlines()[-1]
+    assert last.startswith("scim-pipeline sync: stopped by SIGTERM"), last
+    run = own_runs(proc.pid)[0]
+    assert run.job_name == "directory_sync" and run.run_id[:8] in last
+    assert run.status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
+
+    per_org = query("""SELECT organization_id, count(*) FILTER (WHERE family_name = 'Moved') AS moved, count(*) AS n
+                       FROM directory_users GROUP BY 1""")
+    for row in per_org.itertuples():
+        assert row.moved in (0, row.n), f"{row.organization_id} is half-written: {row.moved} of {row.n}"
+    world.emulator.faults(latency_ms=0)
+    assert_nothing_left_behind(world)
