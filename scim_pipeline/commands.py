@@ -48,6 +48,7 @@ def _run_sync(organization_ids: list[str] | None, delivery_backoff_s: float | No
     from scim_pipeline.defs.partitions import organizations_partitions
     from scim_pipeline.definitions import defs
 
+    warehouse_pool.wait_bound_s()  # a malformed bound is a configuration error now, not once a run has to wait
     instance = dagster_instance()
     for run_id in reap_dead_runs(instance):
         say(f"Run {run_id[:8]} had died half-way; marked failed (its organizations are re-synced now)")

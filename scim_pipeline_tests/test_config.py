@@ -37,3 +37,12 @@ def test_every_subcommand_has_help(capsys):
             main([command, "--help"])
         assert info.value.code == 0
         assert "usage: scim-pipeline " + command in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value", ["ten", "0", "-5", "inf"])
+def test_a_malformed_warehouse_wait_stops_sync_with_one_line(home, monkeypatch, capsys, value):
+    monkeypatch.setenv("SCIM_PIPELINE_WAREHOUSE_WAIT_S", value)
+    assert main(["sync"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"scim-pipeline sync: configuration error: SCIM_PIPELINE_WAREHOUSE_WAIT_S is malformed: "
+                   f"expected a positive number of seconds, got {value!r}"]

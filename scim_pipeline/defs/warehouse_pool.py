@@ -51,7 +51,7 @@ def wait_bound_s() -> float:
         bound = float(value)
     except ValueError:
         bound = math.nan
-    if not bound > 0:
+    if not (bound > 0 and math.isfinite(bound)):  # a wait must end
         raise ConfigError(f"{WAIT_VAR} is malformed: expected a positive number of seconds, got {value!r}")
     return bound
 
