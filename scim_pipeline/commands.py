@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import threading
 import time
 
+import dagster as dg
 import pandas as pd
 
 from scim_pipeline.config import settings
 from scim_pipeline.lib.clock import utcnow
 from scim_pipeline.provisioning.outbox_index import OutboxIndex
 from scim_pipeline.warehouse.connection import Warehouse, WarehouseBusy
+from scim_pipeline.defs import warehouse_pool
 from scim_pipeline.defs.instance import dagster_instance
+from scim_pipeline.defs.run_process import HOST_TAG, PID_TAG, host, process_tags
 from scim_pipeline.defs.run_reaper import reap_dead_runs
 
 QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
@@ -28,20 +33,29 @@ def _say(message: str) -> None:
 
 
 def run_sync(organization_ids: list[str] | None = None, delivery_backoff_s: float | None = None,
-             say=_say) -> dict:
+             say=_say, stop: StopSignals | None = None) -> dict:
     """Materialize the whole pipeline once, headless: catalogue, directory sync and change sets of every
-    organization (or those given), then delivery. Returns a summary; raises SyncFailed when a run fails."""
+    organization (or those given), then delivery. Returns a summary; raises SyncFailed when a run fails, and
+    Stopped when ``stop`` saw SIGTERM or SIGINT. ``say`` is also told when a run waits for the warehouse behind
+    another one."""
+    with warehouse_pool.reporting(say):
+        return _run_sync(organization_ids, delivery_backoff_s, say, stop)
+
+
+def _run_sync(organization_ids: list[str] | None, delivery_backoff_s: float | None, say,
+              stop: StopSignals | None) -> dict:
     from scim_pipeline.defs.directory.automation import orgs_per_run, partition_ranges, range_tags
     from scim_pipeline.defs.partitions import organizations_partitions
     from scim_pipeline.definitions import defs
 
+    warehouse_pool.wait_bound_s()  # a malformed bound is a configuration error now, not once a run has to wait
     instance = dagster_instance()
     for run_id in reap_dead_runs(instance):
         say(f"Run {run_id[:8]} had died half-way; marked failed (its organizations are re-synced now)")
     started = time.monotonic()
 
     say("Listing organizations and directories from Scalekit ...")
-    _execute(defs.resolve_job_def("directory_catalog"), instance, run_config=QUIET_LOGS)
+    _execute(defs.resolve_job_def("directory_catalog"), instance, stop, run_config=QUIET_LOGS)
     with warehouse().read() as con:
         syncable = [r[0] for r in con.execute(
             "SELECT DISTINCT organization_id FROM directories WHERE enabled ORDER BY 1").fetchall()]
@@ -63,7 +77,7 @@ def run_sync(organization_ids: list[str] | None = None, delivery_backoff_s: floa
     keys = list(instance.get_dynamic_partitions(organizations_partitions.name))
     failed: dict[str, str] = {}  # an organization Scalekit would not list does not stop the others
     for first, last in partition_ranges(keys, set(targets), orgs_per_run()):
-        result = _execute(sync_job, instance, run_config=QUIET_LOGS, tags=range_tags(first, last))
+        result = _execute(sync_job, instance, stop, run_config=QUIET_LOGS, tags=range_tags(first, last))
         for materialization in result.asset_materializations_for_node("directory_snapshot"):
             entry = materialization.metadata.get("failures")
             failed.update(entry.value if entry is not None else {})
@@ -72,7 +86,7 @@ def run_sync(organization_ids: list[str] | None = None, delivery_backoff_s: floa
     config = {"organizations": targets}
     if delivery_backoff_s is not None:
         config["backoff_s"] = delivery_backoff_s
-    _execute(defs.resolve_job_def("deliver_changes"), instance,
+    _execute(defs.resolve_job_def("deliver_changes"), instance, stop,
              run_config={**QUIET_LOGS, "ops": {"deliver": {"config": config}}})
     summary = summarize(targets)
     summary["failed"] = failed
@@ -84,14 +98,69 @@ class SyncFailed(Exception):
     pass
 
 
-def _execute(job, instance, **kwargs):
-    result = job.execute_in_process(instance=instance, raise_on_error=False, **kwargs)
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGINT came: the sync stops where it is."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopSignals:
+    """SIGTERM (what a service manager sends) and SIGINT stop a sync. Outside a run's execution they raise
+    ``Stopped`` at once. While a run executes, Dagster takes both signals over and raises them only at its
+    checkpoints (a step's own code, the wait for the warehouse slot), which fails the run and frees its slot; the
+    interpreter's wakeup fd, written whichever handler ran, tells ``check()`` afterwards that a signal came, and
+    which."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __enter__(self) -> "StopSignals":
+        self._read, self._write = os.pipe()
+        for fd in (self._read, self._write):
+            os.set_blocking(fd, False)
+        self._previous_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        self._previous = {signum: signal.signal(signum, self._raise) for signum in self.SIGNALS}
+        self.received: int | None = None
+        return self
+
+    @staticmethod
+    def _raise(signum: int, frame) -> None:
+        raise Stopped(signum)
+
+    def check(self) -> None:
+        """Raise ``Stopped`` if a stop signal came since the last call (or ever, once one did)."""
+        try:
+            data = os.read(self._read, 1024)
+        except BlockingIOError:
+            data = b""
+        for signum in data:
+            if signum in self.SIGNALS and self.received is None:
+                self.received = signum
+        if self.received is not None:
+            raise Stopped(self.received)
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        signal.set_wakeup_fd(self._previous_fd)
+        os.close(self._read)
+        os.close(self._write)
+
+
+def _execute(job, instance, stop: StopSignals | None = None, tags=None, **kwargs):
+    # The run names its process from the moment it exists, so that if this process dies the run is found dead.
+    tags = {**(tags or {}), **process_tags()}
+    result = job.execute_in_process(instance=instance, raise_on_error=False, tags=tags, **kwargs)
+    if stop is not None:
+        stop.check()  # a run that a signal interrupted failed for that reason: say so, not its error
     if not result.success:
-        errors = [
-            e.event_specific_data.error.message.strip().splitlines()[0]
-            for e in result.all_events
-            if e.is_failure and getattr(e.event_specific_data, "error", None) is not None
-        ]
+        failures = [e.event_specific_data.error for e in result.all_events
+                    if e.is_failure and getattr(e.event_specific_data, "error", None) is not None]
+        for error in failures:
+            if error.cls_name == warehouse_pool.WarehouseWaitTimeout.__name__:  # its message says it all
+                raise SyncFailed(error.message.strip().splitlines()[0].split(": ", 1)[-1])
+        errors = [error.message.strip().splitlines()[0] for error in failures]
         raise SyncFailed(f"run {result.run_id[:8]} of {job.name} failed: " + ("; ".join(errors) or "see its logs"))
     return result
 
@@ -133,13 +202,43 @@ def print_summary(summary: dict) -> None:
 
 
 def sync_from_cli(args) -> int:
-    try:
-        summary = run_sync(args.org or None)
-    except SyncFailed as exc:
-        print(f"scim-pipeline sync: {exc}", file=sys.stderr)
-        return 1
-    print_summary(summary)
-    return 1 if summary["failed"] else 0
+    with StopSignals() as stop:
+        try:
+            summary = run_sync(args.org or None, stop=stop)
+        except SyncFailed as exc:
+            print(f"scim-pipeline sync: {exc}", file=sys.stderr)
+            return 1
+        except Stopped as exc:
+            signum = exc.signum
+            print(f"scim-pipeline sync: stopped by {signal.Signals(signum).name}: {_settle_own_runs()}",
+                  file=sys.stderr, flush=True)
+        else:
+            print_summary(summary)
+            return 1 if summary["failed"] else 0
+    # End the way the signal ends a process (a shell shows 143 for SIGTERM; a service manager sees a clean stop).
+    sys.stdout.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    return 128 + signum  # not reached
+
+
+def _settle_own_runs() -> str:
+    """Leave none of this process's runs started or holding a warehouse slot; what became of the last one."""
+    instance = dagster_instance()
+    mine = dg.RunsFilter(tags={HOST_TAG: host(), PID_TAG: str(os.getpid())})
+    runs = [record.dagster_run for record in instance.get_run_records(mine)]  # newest first
+    for run in runs:
+        if not run.is_finished:
+            instance.report_run_failed(run, "scim-pipeline sync was stopped")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+    if not runs:
+        return "no run had started"
+    last = instance.get_run_by_id(runs[0].run_id)
+    if last.is_success:
+        return f"run {last.run_id[:8]} of {last.job_name} had finished; the next sync does the rest"
+    outcome = "canceled" if last.status == dg.DagsterRunStatus.CANCELED else "failed"
+    return (f"run {last.run_id[:8]} of {last.job_name} marked {outcome}, its warehouse slot free; "
+            "what it committed is kept and the next sync does the rest")
 
 
 DEFAULT_QUERY_TIMEOUT_S = 30.0

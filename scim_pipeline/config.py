@@ -17,6 +17,8 @@ from pathlib import Path
 
 from dotenv import dotenv_values
 
+from scim_pipeline.lib.private_files import write_private
+
 HOME_VAR = "SCIM_PIPELINE_HOME"
 DEFAULT_HOME = ".scim_pipeline"
 EMULATOR_ENV_FILE = "emulator.env"
@@ -54,12 +56,7 @@ def write_dotenv(path: Path, values: dict[str, str]) -> None:
     """Write dotenv lines atomically, readable by the owner only from the moment the file exists (they hold
     secrets). The lines are ``export KEY='value'``, so that a shell's ``source`` hands them to the programs it
     starts."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write("".join(f"export {k}='{v}'\n" for k, v in values.items()))
-    tmp.replace(path)
+    write_private(path, "".join(f"export {k}='{v}'\n" for k, v in values.items()).encode())
 
 
 def lookup(name: str, home_dir: Path | None = None) -> str | None:

@@ -11,6 +11,11 @@ from scim_pipeline.defs.provisioning.delivery import deliver_changes, delivered_
 from scim_pipeline.defs.webhooks.sensor import webhook_events_sensor
 from scim_pipeline.defs.resources import ApplicationResource, ScalekitResource, WarehouseResource
 from scim_pipeline.defs.run_reaper import dead_run_reaper
+from scim_pipeline.defs import warehouse_pool
+
+# Every process that executes runs loads these definitions: a step waiting for the warehouse slot sleeps, says who
+# holds it, gives up after a bound and heeds SIGTERM there (see warehouse_pool).
+warehouse_pool.install()
 
 
 defs = dg.Definitions(

@@ -35,6 +35,7 @@ import pytest
 from scim_pipeline import config
 from scim_pipeline.devstack import services
 from scim_pipeline.devstack.emulator import tls
+from scim_pipeline.lib.private_files import write_private
 
 _shared_tls: tls.TlsFiles | None = None
 
@@ -57,10 +58,13 @@ def seed_tls(home: Path) -> None:
     shared = _shared_tls_material()
     folder = home / "tls"
     folder.mkdir(parents=True, exist_ok=True)
-    for src in (shared.ca_cert, shared.server_cert, shared.server_key):
+    for src in (shared.ca_cert, shared.server_cert):
         dst = folder / src.name
         if not dst.exists():
-            shutil.copy2(src, dst)
+            shutil.copyfile(src, dst)
+    key = folder / shared.server_key.name
+    if not key.exists():  # a private key: created private, not copied and then chmod-ed
+        write_private(key, shared.server_key.read_bytes())
 
 
 def _tls_ready(port: int, ca_file: str) -> bool:

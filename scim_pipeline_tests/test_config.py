@@ -84,3 +84,12 @@ def test_the_services_generate_secrets_the_settings_accept(home, monkeypatch):
         monkeypatch.setenv("SCALEKIT_WEBHOOK_SECRET", secret)
         monkeypatch.setenv("SCIM_PIPELINE_APP_SECRET", secret)
         assert settings().webhook_secrets() == [secret] and settings().app_secret() == secret
+
+
+@pytest.mark.parametrize("value", ["ten", "0", "-5", "inf"])
+def test_a_malformed_warehouse_wait_stops_sync_with_one_line(home, monkeypatch, capsys, value):
+    monkeypatch.setenv("SCIM_PIPELINE_WAREHOUSE_WAIT_S", value)
+    assert main(["sync"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"scim-pipeline sync: configuration error: SCIM_PIPELINE_WAREHOUSE_WAIT_S is malformed: "
+                   f"expected a positive number of seconds, got {value!r}"]

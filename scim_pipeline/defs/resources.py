@@ -13,6 +13,7 @@ from typing import Optional
 import dagster as dg
 
 from scim_pipeline.config import settings
+from scim_pipeline.defs import run_process
 from scim_pipeline.lib.retry import RetryPolicy
 from scim_pipeline.provisioning.changes_protocol import ApplicationClient
 from scim_pipeline.scalekit.directory_api import DirectoryAPI
@@ -26,7 +27,13 @@ class WarehouseResource(dg.ConfigurableResource):
     lock_timeout_s: float = 120.0
 
     def create_resource(self, context: dg.InitResourceContext) -> Warehouse:
-        return Warehouse(self.path or settings().warehouse_path, self.lock_timeout_s)
+        # Resources are initialized as the run starts, before any step claims the warehouse pool's slot: the run's
+        # process records itself here, so that a run holding the slot can always be traced to its process.
+        if context.run is not None and context.instance is not None:
+            run_process.record(context.instance, context.run)
+        # A step waiting for the file says so in the run's own log.
+        return Warehouse(self.path or settings().warehouse_path, self.lock_timeout_s,
+                         on_wait=context.log.warning if context.log is not None else None)
 
 
 class ScalekitResource(dg.ConfigurableResource):

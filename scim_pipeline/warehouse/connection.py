@@ -10,9 +10,12 @@ transaction of its own — takes a ``session()`` and opens each ``transaction(co
 
 from __future__ import annotations
 
+import logging
+import re
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import duckdb
 
@@ -27,6 +30,20 @@ class WarehouseBusy(Exception):
 def _is_lock_error(exc: BaseException) -> bool:
     return isinstance(exc, duckdb.IOException) and "lock" in str(exc).lower()
 
+
+_HOLDER_RE = re.compile(r"held in (?P<exe>.+?) \(PID (?P<pid>\d+)\)")
+
+
+def _holder(exc: BaseException) -> str:
+    """Which process holds the file, as DuckDB's lock error names it (it does where the system tells it)."""
+    match = _HOLDER_RE.search(str(exc))
+    if match is None:
+        return "another process"
+    return f"another process (PID {match['pid']}, {Path(match['exe']).name})"
+
+
+log = logging.getLogger(__name__)
+SAY_AFTER_S = 2.0  # a wait longer than one organization's write is worth a line
 
 _SCHEMA_READY: set[Path] = set()  # files whose schema this process has already brought up to date
 
@@ -44,19 +61,34 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConne
 
 
 class Warehouse:
-    def __init__(self, path: Path | str, lock_timeout_s: float = 120.0):
+    """``on_wait`` is told, once per connection that waits longer than ``SAY_AFTER_S``, which process holds the
+    file."""
+
+    def __init__(self, path: Path | str, lock_timeout_s: float = 120.0,
+                 on_wait: Callable[[str], None] | None = None):
         self.path = Path(path).resolve()
         self.lock_timeout_s = lock_timeout_s
+        self.on_wait = on_wait or log.warning
 
     def _connect(self, read_only: bool, timeout_s: float) -> duckdb.DuckDBPyConnection:
         # Short first waits (the lock is usually held for one organization's write), growing to half a second.
         policy = RetryPolicy(attempts=None, deadline_s=timeout_s, base_s=0.02, max_delay_s=0.5)
+        told, started = False, time.monotonic()
+
+        def waiting(exc: BaseException, _delay: float) -> None:
+            nonlocal told
+            if not told and time.monotonic() - started >= SAY_AFTER_S:  # not for the usual brief contention
+                told = True
+                self.on_wait(f"Waiting for {self.path.name}: it is locked by {_holder(exc)}; "
+                             f"giving up after {timeout_s:g}s")
+
         try:
-            return policy.call(lambda: duckdb.connect(str(self.path), read_only=read_only), retry_if=_is_lock_error)
+            return policy.call(lambda: duckdb.connect(str(self.path), read_only=read_only), retry_if=_is_lock_error,
+                               on_retry=waiting)
         except duckdb.IOException as exc:
             if _is_lock_error(exc):
                 raise WarehouseBusy(
-                    f"warehouse {self.path.name} stayed locked by another process for {timeout_s:.0f}s"
+                    f"warehouse {self.path.name} stayed locked by {_holder(exc)} for {timeout_s:g}s"
                 ) from exc
             raise
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +29,20 @@ class NoDirectory(Exception):
     """The organization has no enabled directory: nothing to sync (not an error of the pipeline)."""
 
 
-def list_organization(api: DirectoryAPI, organization_id: str, spool_root: Path) -> Spool:
-    """Stream one organization's enabled directories, users and groups to a spool."""
+class ListingStopped(Exception):
+    """The sync stopped (it failed, or was told to stop) while this organization was being listed."""
+
+
+def list_organization(api: DirectoryAPI, organization_id: str, spool_root: Path,
+                      stop: threading.Event | None = None) -> Spool:
+    """Stream one organization's enabled directories, users and groups to a spool; given up between two pages once
+    ``stop`` is set."""
     spool = Spool.create(spool_root, organization_id, listed_at=utcnow())
+
+    def go_on() -> None:
+        if stop is not None and stop.is_set():
+            raise ListingStopped(organization_id)
+
     try:
         directories = api.directories(organization_id)
         spool.directories = directories
@@ -39,9 +51,15 @@ def list_organization(api: DirectoryAPI, organization_id: str, spool_root: Path)
             raise NoDirectory(f"{organization_id} has no enabled directory")
         for directory in enabled:
             for page in api.group_pages(organization_id, directory["directory_id"]):
+                go_on()
                 spool.add_groups(page)
             for page in api.user_pages(organization_id, directory["directory_id"]):
+                go_on()
                 spool.add_users(page)
+    except ListingStopped:
+        spool.close()
+        spool.remove()  # nobody will load it
+        raise
     finally:
         spool.close()
     return spool
@@ -73,6 +91,7 @@ def sync_organizations(
     api.client  # authenticate once up front: bad credentials or an unreachable Scalekit fail here, clearly
     total = len(organization_ids)
     listed: queue.Queue[Future] = queue.Queue()
+    stop = threading.Event()
 
     def done() -> int:
         return len(report.synced) + len(report.skipped) + len(report.failed)
@@ -120,7 +139,7 @@ def sync_organizations(
         return None
 
     with ThreadPoolExecutor(max_workers=max(1, min(workers, total or 1)), thread_name_prefix="listing") as lister:
-        futures = {lister.submit(list_organization, api, org, spool_root): org for org in organization_ids}
+        futures = {lister.submit(list_organization, api, org, spool_root, stop): org for org in organization_ids}
         for future in futures:
             future.add_done_callback(listed.put)
         remaining = len(futures)
@@ -140,7 +159,10 @@ def sync_organizations(
                         load(con, spool)
                         spool = next_ready()
         except BaseException:
-            lister.shutdown(wait=False, cancel_futures=True)  # list no more organizations that nobody will load
+            # List no more organizations that nobody will load, and stop those being listed at their next page:
+            # leaving the pool waits for them (a SIGTERM must not wait for whole organizations to be listed).
+            stop.set()
+            lister.shutdown(wait=False, cancel_futures=True)
             raise
     return report
 

@@ -4,11 +4,13 @@ the Dagster daemon) -> incremental run -> change sets -> delivery sensor -> deli
 import os
 import time
 
+import dagster as dg
 import pytest
 
 from scim_pipeline.commands import query, run_sync
 from scim_pipeline.devstack.convergence import differences
 from scim_pipeline.config import settings
+from scim_pipeline.defs import run_process
 from scim_pipeline.provisioning.role_mapping import load_role_mapping
 from scim_pipeline.devstack.services import free_port
 from scim_pipeline.devstack.stack import Stack
@@ -47,6 +49,9 @@ def test_a_leaver_reaches_the_application_through_the_daemon(stack):
     stack.start_app()
     run_sync(say=lambda _: None)
     stack.start_daemon()
+    instance = dg.DagsterInstance.get()
+    # Dagster's run monitoring runs in the daemon (start and cancel timeouts, slots of ended runs freed).
+    wait_for(lambda: "MONITORING" in instance.get_daemon_heartbeats(), 60)
 
     org = stack.truth()["organizations"][0]
     leaver = next(u for u in org["users"] if u["active"])
@@ -61,3 +66,11 @@ def test_a_leaver_reaches_the_application_through_the_daemon(stack):
     events = query("SELECT type, outcome FROM webhook_events")
     assert ("organization.directory.user_updated", "applied") in set(map(tuple, events.values.tolist()))
     assert stack.app_stats()["max_applications"] == 1
+
+    # Runs the daemon launched record their own process (the run worker's) and host, so the reaper can judge them.
+    launched = [r.dagster_run for r in instance.get_run_records(dg.RunsFilter(job_name="directory_events"))]
+    assert launched
+    for run in launched:
+        start = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.RUN_START).records
+        assert run.tags[run_process.HOST_TAG] == run_process.host()
+        assert run.tags[run_process.PID_TAG] == str(start[0].event_log_entry.dagster_event.pid) != str(os.getpid())

@@ -70,3 +70,34 @@ def test_a_deleted_warehouse_file_gets_its_schema_again(tmp_path):
     path.unlink()
     with Warehouse(path).write() as con:  # same process: the schema cache must not hide the new file
         assert con.execute("SELECT count(*) FROM organizations").fetchone() == (0,)
+
+
+def test_a_waiting_writer_sleeps_says_which_process_holds_the_lock_and_gives_up(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "w.duckdb"
+    with Warehouse(path).write():
+        pass
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('held', flush=True); time.sleep(30)",
+         str(path)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        said = []
+        cpu, started = time.process_time(), time.monotonic()
+        with pytest.raises(WarehouseBusy) as caught:
+            with Warehouse(path, lock_timeout_s=3, on_wait=said.append).write():
+                pass
+        waited = time.monotonic() - started
+        assert 3 <= waited < 10
+        assert time.process_time() - cpu < 0.3 * waited  # asleep between attempts, not spinning
+        assert len(said) == 1 and f"PID {holder.pid}" in said[0], said
+        message = str(caught.value)
+        assert "\n" not in message and f"PID {holder.pid}" in message and "3s" in message, message
+    finally:
+        holder.kill()
+        holder.wait()

@@ -29,6 +29,7 @@ from scim_pipeline.devstack.emulator.mutations import Applied, Mutator
 from scim_pipeline.devstack.emulator.router import AlpnRouter, event_loop_runner
 from scim_pipeline.devstack.emulator.synthetic import generate
 from scim_pipeline.devstack.emulator.webhooks import WebhookSender, new_webhook_secret
+from scim_pipeline.lib.private_files import write_private
 
 log = logging.getLogger("scim_pipeline.devstack.emulator")
 
@@ -49,10 +50,7 @@ def load_webhook_secret(home: Path) -> str:
     except (OSError, ValueError, KeyError, TypeError):
         pass
     secret = new_webhook_secret()
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"webhook_secret": secret}))
-    tmp.chmod(0o600)
-    tmp.replace(path)
+    write_private(path, json.dumps({"webhook_secret": secret}).encode())
     return secret
 
 

@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from scim_pipeline.lib.private_files import write_private
+
 ALPN_PROTOCOLS = ["http/1.1", "h2"]  # HTTP/1.1 first: a client offering both gets the token/control API
 _VALID_DAYS = 825
 _RENEW_BEFORE = dt.timedelta(days=7)
@@ -38,9 +40,8 @@ def _name(common_name: str) -> x509.Name:
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    path.write_bytes(key.private_bytes(
+    write_private(path, key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    path.chmod(0o600)
 
 
 def _usable(files: TlsFiles) -> bool:

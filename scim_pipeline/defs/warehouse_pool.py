@@ -1,0 +1,143 @@
+"""Waiting for the warehouse pool's slot: asleep, saying which run holds it, for a bounded time, and stoppable.
+
+Every run here executes its steps in process, and Dagster 1.13's in-process executor waits for a step's pool slot
+in a loop that never sleeps: ``InstanceConcurrencyContext.interval_to_next_pending_claim_check`` returns
+``min(0, ...)``, so the loop asks again at once, on one core, for as long as the slot is held (forever, behind a
+run whose process died). Dagster also takes SIGTERM and SIGINT over while it executes and raises them only at its
+checkpoints, which that loop never reaches. ``install()`` replaces those two methods of Dagster's class so that a
+step waiting for a slot
+
+- sleeps between checks (at most ``CHECK_EVERY_S`` apart, so a freed slot is taken promptly),
+- says once, then every ``SAY_EVERY_S``, which run holds the slot, and meanwhile reaps the holder if its process
+  died on this host (the dead-run reaper's rule),
+- gives up after ``SCIM_PIPELINE_WAREHOUSE_WAIT_S`` seconds (default 600) with ``WarehouseWaitTimeout``, which
+  fails the run and frees its claim,
+- stops at once on SIGTERM or SIGINT, as a step's own code would.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from dagster._core.errors import DagsterExecutionInterruptedError
+from dagster._core.execution.plan.instance_concurrency_context import InstanceConcurrencyContext
+from dagster._utils.interrupts import check_captured_interrupt
+
+from scim_pipeline.config import ConfigError
+
+WAIT_VAR = "SCIM_PIPELINE_WAREHOUSE_WAIT_S"
+DEFAULT_WAIT_S = 600.0
+CHECK_EVERY_S = 1.0  # how often the pool is asked again; Dagster's own backoff reaches 15 s
+SLEEP_S = 0.25  # longest sleep between looks at a signal
+SAY_EVERY_S = 60.0
+
+log = logging.getLogger(__name__)
+
+
+class WarehouseWaitTimeout(Exception):
+    """A step waited longer than its bound for a pool slot. The message is one line naming the holders."""
+
+
+def wait_bound_s() -> float:
+    value = os.environ.get(WAIT_VAR)
+    if not value:
+        return DEFAULT_WAIT_S
+    try:
+        bound = float(value)
+    except ValueError:
+        bound = math.nan
+    if not (bound > 0 and math.isfinite(bound)):  # a wait must end
+        raise ConfigError(f"{WAIT_VAR} is malformed: expected a positive number of seconds, got {value!r}")
+    return bound
+
+
+_reporters: list[Callable[[str], None]] = []
+
+
+@contextmanager
+def reporting(say: Callable[[str], None]) -> Iterator[None]:
+    """Also tell ``say`` what a step of this process waits for (the sync command prints it)."""
+    _reporters.append(say)
+    try:
+        yield
+    finally:
+        _reporters.remove(say)
+
+
+def holders(instance, pool: str) -> str:
+    """``run 1a2b3c4d (directory_sync, pid 4242 on host-a, started 12:03:04 UTC)``, for each run holding ``pool``."""
+    from scim_pipeline.defs.run_process import describe
+
+    run_ids = sorted({slot.run_id for slot in instance.event_log_storage.get_concurrency_info(pool).claimed_slots})
+    return ", ".join(describe(instance, run_id) for run_id in run_ids) or "no run (it is being handed over)"
+
+
+class _Wait:
+    def __init__(self, bound_s: float):
+        self.started = time.monotonic()
+        self.said_at = -math.inf
+        self.bound_s = bound_s
+
+
+def _claim(self: InstanceConcurrencyContext, concurrency_key: str, step_key: str, step_priority: int = 0) -> bool:
+    if check_captured_interrupt():  # SIGTERM/SIGINT came while this step waited: stop as a step's code would
+        raise DagsterExecutionInterruptedError()
+    waits: dict[str, _Wait] = self.__dict__.setdefault("_scim_waits", {})
+    if _dagster_claim(self, concurrency_key, step_key, step_priority):
+        waits.pop(step_key, None)
+        return True
+    timeouts = self._pending_timeouts
+    if step_key in timeouts:
+        timeouts[step_key] = min(timeouts[step_key], time.time() + CHECK_EVERY_S)
+    wait = waits.get(step_key)
+    if wait is None:
+        wait = waits[step_key] = _Wait(wait_bound_s())
+    now = time.monotonic()
+    if now - wait.started >= wait.bound_s:
+        raise WarehouseWaitTimeout(
+            f"gave up waiting for the {concurrency_key} after {wait.bound_s:g}s: "
+            f"{holders(self._instance, concurrency_key)} holds its slot")
+    if now - wait.said_at >= SAY_EVERY_S:
+        wait.said_at = now
+        _waiting(self, concurrency_key, step_key, wait)
+    return False
+
+
+def _waiting(self: InstanceConcurrencyContext, pool: str, step_key: str, wait: _Wait) -> None:
+    from scim_pipeline.defs.run_reaper import reap_dead_runs
+
+    instance = self._instance
+    held_by = [slot.run_id for slot in instance.event_log_storage.get_concurrency_info(pool).claimed_slots]
+    if held_by and reap_dead_runs(instance, held_by):
+        return  # the slot was held by a dead run, freed now: the next check takes it
+    message = (f"Waiting for the {pool}: {holders(instance, pool)} holds its slot "
+               f"(step {step_key}; giving up {wait.bound_s:g}s after it began to wait)")
+    for say in list(_reporters) or [log.warning]:
+        say(message)
+    run = instance.get_run_by_id(self._run_id)
+    if run is not None:
+        instance.report_engine_event(message, run)  # shows in the run's log in the UI
+
+
+def _interval_to_next_pending_claim_check(self: InstanceConcurrencyContext) -> float:
+    if not self._pending_claims:
+        return 0.0
+    now = time.time()
+    next_check = min((at - now for at in self._pending_timeouts.values()), default=0.0)
+    # Short sleeps: a signal is acted on by the next claim, and Dagster's loop calls it right after this sleep.
+    return max(0.0, min(SLEEP_S, next_check))
+
+
+_dagster_claim = InstanceConcurrencyContext.claim
+
+
+def install() -> None:
+    """Replace Dagster's pool waiting in this process (idempotent)."""
+    if InstanceConcurrencyContext.claim is not _claim:
+        InstanceConcurrencyContext.claim = _claim
+        InstanceConcurrencyContext.interval_to_next_pending_claim_check = _interval_to_next_pending_claim_check
