@@ -30,7 +30,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from scim_pipeline.lib.clock import utc_iso, utcnow
 
@@ -319,6 +319,19 @@ class Inbox:
         """Up to ``limit`` events with a seq greater than ``seq``, in seq order."""
         rows = self._query(f"SELECT {_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))
         return [InboxEvent(*row) for row in rows]
+
+    def read_range(self, after: int, up_to: int = 0, page: int = 1000) -> Iterator[InboxEvent]:
+        """Every event with ``after < seq <= up_to`` (``up_to`` 0: to the end), in seq order, read a page at a time."""
+        seq = after
+        while not up_to or seq < up_to:
+            events = self.read_after(seq, limit=page)
+            for event in events:
+                if up_to and event.seq > up_to:
+                    return
+                yield event
+            if len(events) < page:
+                return
+            seq = events[-1].seq
 
     def last_seq(self) -> int:
         """The highest seq ever assigned (0 for an empty inbox), even if that row has since been pruned."""

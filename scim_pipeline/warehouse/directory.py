@@ -17,6 +17,7 @@ from typing import BinaryIO
 
 import duckdb
 
+from scim_pipeline.scalekit import ids
 from scim_pipeline.scalekit.records import Page
 
 USER_COLUMNS = {
@@ -35,9 +36,10 @@ WRITE_BUFFER = 1 << 20  # bytes a spool file gathers before a write: about 700 u
 
 @dataclass
 class Spool:
-    """One organization's listing on disk: users.ndjson and groups.ndjson, written page by page."""
+    """One organization's listing on disk: ``root/<organization id>/`` holds users.ndjson and groups.ndjson,
+    written page by page."""
 
-    folder: Path
+    root: Path
     organization_id: str
     listed_at: datetime
     users: int = 0
@@ -48,12 +50,17 @@ class Spool:
 
     @classmethod
     def create(cls, root: Path, organization_id: str, listed_at: datetime) -> "Spool":
-        folder = root / organization_id
+        """An empty spool for the organization; a listing an earlier run left there is removed first."""
+        folder = _inside(root, ids.ORGANIZATION.check(organization_id))
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         (folder / "users.ndjson").touch()
         (folder / "groups.ndjson").touch()
-        return cls(folder, organization_id, listed_at)
+        return cls(root, organization_id, listed_at)
+
+    @property
+    def folder(self) -> Path:
+        return self.root / self.organization_id
 
     def _append(self, name: str, page: Page) -> int:
         if page.count:
@@ -75,12 +82,23 @@ class Spool:
         self.groups += self._append("groups.ndjson", page)
 
     def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        shutil.rmtree(_inside(self.root, self.organization_id), ignore_errors=True)
 
 
-def _read_json(path: Path, columns: dict[str, str]) -> str:
+def _inside(root: Path, name: str) -> Path:
+    """``root/name``, resolved, refused unless it is a folder directly inside ``root``: nothing under
+    SCIM_PIPELINE_HOME outside the spool is ever removed, whatever a name or a symbolic link says."""
+    root = root.resolve()
+    folder = (root / name).resolve()
+    if folder.parent != root:
+        raise ValueError(f"spool folder {ids.shown(name)} is not inside {root}")
+    return folder
+
+
+def _read_json(param: str, columns: dict[str, str]) -> str:
+    """``read_json`` of the file named by the query parameter ``param``: a path is never spliced into SQL."""
     cols = ", ".join(f"'{k}': '{v}'" for k, v in columns.items())
-    return f"read_json('{path}', format='newline_delimited', columns={{{cols}}})"
+    return f"read_json(${param}, format='newline_delimited', columns={{{cols}}})"
 
 
 # A row is the snapshot's to overwrite (or tombstone) unless a webhook event newer than the listing changed it.
@@ -105,8 +123,10 @@ def load_snapshot(con: duckdb.DuckDBPyConnection, spool: Spool, synced_at: datet
     spool.close()
     org = spool.organization_id
     listed_at = spool.listed_at
-    con.execute("CREATE OR REPLACE TEMP TABLE stage_users AS SELECT * FROM " + _read_json(spool.folder / "users.ndjson", USER_COLUMNS))
-    con.execute("CREATE OR REPLACE TEMP TABLE stage_groups AS SELECT * FROM " + _read_json(spool.folder / "groups.ndjson", GROUP_COLUMNS))
+    con.execute("CREATE OR REPLACE TEMP TABLE stage_users AS SELECT * FROM " + _read_json("path", USER_COLUMNS),
+                {"path": str(spool.folder / "users.ndjson")})
+    con.execute("CREATE OR REPLACE TEMP TABLE stage_groups AS SELECT * FROM " + _read_json("path", GROUP_COLUMNS),
+                {"path": str(spool.folder / "groups.ndjson")})
     users = _once_each(con, "stage_users", "user_id")
     groups = _once_each(con, "stage_groups", "group_id")
     fresh = FRESH

@@ -14,6 +14,8 @@ from datetime import datetime, timezone
 
 import duckdb
 
+from scim_pipeline.scalekit import ids
+
 USER_EVENTS = {
     "organization.directory.user_created", "organization.directory.user_updated", "organization.directory.user_deleted",
 }
@@ -53,24 +55,66 @@ class Event:
     received_at: datetime | None
     data: dict
     seq: int
+    reason: str | None = None  # why the event is invalid: it is then recorded, never applied
 
 
 def event_from_body(webhook_id: str, body: str | dict, seq: int, received_at: datetime | None) -> Event:
     payload = json.loads(body) if isinstance(body, str) else body
+    org = payload.get("organization_id")
     return Event(
         webhook_id=webhook_id,
         event_id=payload.get("id"),
         type=payload.get("type"),
-        organization_id=payload.get("organization_id"),
+        organization_id=org if isinstance(org, str) else None,
         occurred_at=parse_time(payload.get("occurred_at")),
         received_at=received_at,
         data=payload.get("data") if isinstance(payload.get("data"), dict) else {},
         seq=seq,
+        reason=None if ids.ORGANIZATION.matches(org) else f"organization_id: {_why(ids.ORGANIZATION, org)}",
     )
+
+
+def event_from_inbox(item) -> Event:
+    """An inbox entry (its ``webhook_id``, ``body``, ``seq`` and ``received_at``) as an event to apply; one that
+    cannot be read is an invalid event, recorded with the reason."""
+    received_at = parse_time(item.received_at)
+    try:
+        return event_from_body(item.webhook_id, item.body, item.seq, received_at)
+    except (ValueError, TypeError, AttributeError) as exc:
+        return Event(item.webhook_id, None, None, None, None, received_at, {}, item.seq,
+                     reason=f"unreadable: {type(exc).__name__}: {exc}"[:300])
+
+
+def _why(kind: ids.IdKind, value) -> str:
+    try:
+        kind.check(value)
+    except ids.InvalidId as exc:
+        return str(exc)
+    return ""
+
+
+def _record_invalid(con: duckdb.DuckDBPyConnection, events: list[Event], applied_at: datetime) -> int:
+    """Record invalid events (outcome ``invalid``, with the reason); returns how many were new."""
+    rows = [(e.event_id, e.webhook_id, e.type, e.organization_id, e.occurred_at, e.received_at, applied_at,
+             e.seq, e.reason) for e in events]
+    if not rows:
+        return 0
+    before = con.execute("SELECT count(*) FROM webhook_events").fetchone()[0]
+    con.executemany(
+        """
+        INSERT OR IGNORE INTO webhook_events (event_id, webhook_id, type, organization_id, occurred_at, received_at,
+            applied_at, outcome, inbox_seq, reason)
+        VALUES (?, ?, ?, ?, ?, ?, ?, 'invalid', ?, ?)
+        """,
+        rows,
+    )
+    return con.execute("SELECT count(*) FROM webhook_events").fetchone()[0] - before
 
 
 def apply_events(con: duckdb.DuckDBPyConnection, events: list[Event], applied_at: datetime) -> dict[str, int]:
     """Apply events in one set-based pass; returns counts per outcome. Call inside a transaction."""
+    invalid = [e for e in events if e.reason is not None]
+    events = [e for e in events if e.reason is None]
     con.execute(
         """
         CREATE OR REPLACE TEMP TABLE stage_events (
@@ -187,6 +231,9 @@ def apply_events(con: duckdb.DuckDBPyConnection, events: list[Event], applied_at
     )
     counts = dict(con.execute("SELECT outcome, count(*) FROM event_outcomes GROUP BY ALL").fetchall())
     counts["duplicate"] = len(events) - sum(counts.values())
+    recorded = _record_invalid(con, invalid, applied_at)
+    counts["invalid"] = counts.get("invalid", 0) + recorded
+    counts["duplicate"] += len(invalid) - recorded
     con.execute("DROP TABLE event_outcomes")
     con.execute("DROP TABLE stage_events")
     return counts

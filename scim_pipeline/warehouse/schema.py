@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import duckdb
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the columns of ADDED_COLUMNS
 
 TABLES: dict[str, str] = {
     "organizations": """
@@ -155,6 +155,13 @@ TABLES: dict[str, str] = {
     """,
 }
 
+# Columns added after their table was first released, in order. They are appended to a new table's columns and
+# added to an existing file's table when the warehouse is opened for writing, so both have the same column order.
+ADDED_COLUMNS: dict[str, dict[str, str]] = {
+    # why an event was recorded ``invalid``
+    "webhook_events": {"reason": "VARCHAR"},
+}
+
 # The application's desired state: what the diff compares with delivered_* (docs/warehouse.md: current facts for live users).
 # A user whose directory does not say whether they are active counts as active (SCIM's usual reading).
 VIEWS: dict[str, str] = {
@@ -175,6 +182,9 @@ VIEWS: dict[str, str] = {
 def create_all(con: duckdb.DuckDBPyConnection) -> None:
     """Create every table that does not exist yet, and (re)define the views (idempotent)."""
     for name, columns in TABLES.items():
-        con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns})")
+        added = ADDED_COLUMNS.get(name, {})
+        con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns}{''.join(f', {c} {t}' for c, t in added.items())})")
+        for column, type_ in added.items():
+            con.execute(f"ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {column} {type_}")
     for name, query in VIEWS.items():
         con.execute(f"CREATE OR REPLACE VIEW {name} AS {query}")

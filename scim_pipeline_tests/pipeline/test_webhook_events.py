@@ -33,6 +33,15 @@ def wait_for_inbox(event_ids: set[str], timeout: float = 30) -> None:
     raise AssertionError("the events did not all reach the inbox")
 
 
+def post_event(world, receiver, envelope: dict, webhook_id: str) -> None:
+    """A signed event, as Scalekit would send it, straight to the receiver."""
+    body = json.dumps(envelope).encode()
+    secret = world.emulator.env["SCALEKIT_WEBHOOK_SECRET"]
+    answer = httpx.post(f"{receiver.url}/webhooks/scalekit", content=body,
+                        headers={**signed_headers(secret, webhook_id, body), "content-type": "application/json"})
+    assert answer.status_code == 200, answer.text
+
+
 def apply_webhooks(cursor: str | None) -> str | None:
     """One tick of the webhook sensor, its runs executed in this process, then one delivery run."""
     instance = dagster_instance()
@@ -141,5 +150,37 @@ def test_a_disabled_directory_stops_delivery_until_it_is_enabled_again(world):
         wait_for_inbox({e for r in results for e in r["event_ids"]})
         apply_webhooks(cursor)
         assert not next(u for u in world.app_state()["users"] if u["user_id"] == leaver["id"])["active"]
+    finally:
+        receiver.stop()
+
+
+def test_an_event_naming_no_organization_touches_no_file_and_is_recorded_invalid(world):
+    receiver = start_receiver(world)
+    try:
+        run_sync(say=lambda _: None)
+        canaries = [world.home / "canary", world.home.parent / "canary"]
+        for canary in canaries:
+            canary.mkdir()
+            (canary / "keep").write_text("x")
+        org = world.emulator.state()["organizations"][0]
+        strange = ["../canary", "../../canary", f"{org['id']}\n", "...", f"{org['id']}/../../canary"]
+        for i, org_id in enumerate(strange):
+            post_event(world, receiver, {
+                "spec_version": "1", "id": f"evt_strange_{i}", "type": "organization.directory.user_created",
+                "occurred_at": "2026-11-28T00:00:00Z", "environment_id": "env_1", "organization_id": org_id,
+                "object": "DirectoryUser", "data": {"id": f"diruser_9{i}", "organization_id": org_id}},
+                f"msg_strange_{i}")
+        user = org["users"][0]
+        results = world.emulator.mutate([{"op": "update_user", "user_id": user["id"],
+                                          "changes": {"given_name": "Routed"}}])
+        wait_for_inbox({f"evt_strange_{i}" for i in range(len(strange))} | set(results[0]["event_ids"]))
+        apply_webhooks(None)
+
+        assert all((canary / "keep").exists() for canary in canaries)
+        rows = query("SELECT event_id, outcome, reason FROM webhook_events WHERE event_id LIKE 'evt_strange_%'")
+        assert len(rows) == len(strange)
+        assert set(rows.outcome) == {"invalid"}
+        assert all("organization" in reason for reason in rows.reason)
+        assert next(u for u in world.app_state()["users"] if u["user_id"] == user["id"])["given_name"] == "Routed"
     finally:
         receiver.stop()

@@ -70,3 +70,34 @@ def test_a_deleted_warehouse_file_gets_its_schema_again(tmp_path):
     path.unlink()
     with Warehouse(path).write() as con:  # same process: the schema cache must not hide the new file
         assert con.execute("SELECT count(*) FROM organizations").fetchone() == (0,)
+
+
+# The first release's tables whose columns have grown since, as a warehouse file of that release has them.
+FIRST_RELEASE = {
+    "webhook_events": """event_id VARCHAR, webhook_id VARCHAR PRIMARY KEY, type VARCHAR, organization_id VARCHAR,
+        occurred_at TIMESTAMP, received_at TIMESTAMP, applied_at TIMESTAMP, outcome VARCHAR, inbox_seq BIGINT""",
+}
+
+
+def test_a_warehouse_of_the_first_release_is_upgraded_in_place(tmp_path):
+    from scim_pipeline.warehouse.schema import ADDED_COLUMNS
+
+    path = tmp_path / "w.duckdb"
+    with duckdb.connect(str(path)) as con:
+        for name, columns in FIRST_RELEASE.items():
+            con.execute(f"CREATE TABLE {name} ({columns})")
+        con.execute("INSERT INTO webhook_events (webhook_id, outcome, inbox_seq) VALUES ('msg_1', 'applied', 7)")
+    assert set(FIRST_RELEASE) == set(ADDED_COLUMNS)
+    for _ in range(2):  # and again: upgrading is idempotent
+        with Warehouse(path).write():
+            pass
+        with Warehouse(path).read() as con:
+            for name, added in ADDED_COLUMNS.items():
+                columns = [r[0] for r in con.execute(f"DESCRIBE {name}").fetchall()]
+                assert columns[-len(added):] == list(added), name
+            assert con.execute("SELECT webhook_id, outcome, inbox_seq, reason FROM webhook_events").fetchall() == [
+                ("msg_1", "applied", 7, None)]
+    # A new file has the same columns in the same order.
+    with Warehouse(tmp_path / "new.duckdb").read() as new, Warehouse(path).read() as old:
+        for name in ADDED_COLUMNS:
+            assert new.execute(f"DESCRIBE {name}").fetchall() == old.execute(f"DESCRIBE {name}").fetchall()

@@ -13,6 +13,7 @@ import dagster as dg
 from scim_pipeline.config import settings
 from scim_pipeline.defs.metadata import count, preview
 from scim_pipeline.defs.partitions import WAREHOUSE_POOL, organizations_partitions
+from scim_pipeline.scalekit import ids
 from scim_pipeline.scalekit.directory_api import ScalekitError
 from scim_pipeline.lib.clock import utcnow
 from scim_pipeline.warehouse.directory_sync import sync_organizations
@@ -20,7 +21,7 @@ from scim_pipeline.receiver.inbox import Inbox
 from scim_pipeline.defs.resources import ScalekitResource
 from scim_pipeline.warehouse.connection import Warehouse
 from scim_pipeline.warehouse.directory import upsert_directories, upsert_organizations
-from scim_pipeline.warehouse.events import apply_events, event_from_body, parse_time
+from scim_pipeline.warehouse.events import apply_events, event_from_inbox
 
 
 @dg.multi_asset(
@@ -36,8 +37,9 @@ def scalekit_catalog(context: dg.AssetExecutionContext, scalekit: ScalekitResour
                      warehouse: dg.ResourceParam[Warehouse]):
     api = scalekit.api()
     try:
-        orgs = list(api.organizations())
-        directories = [d for org in orgs for d in api.directories(org["organization_id"])]
+        orgs = [org for org in api.organizations() if _valid(context, ids.ORGANIZATION, org["organization_id"])]
+        directories = [d for org in orgs for d in api.directories(org["organization_id"])
+                       if _valid(context, ids.DIRECTORY, d["directory_id"])]
     except ScalekitError as exc:
         raise dg.Failure(description=str(exc)) from exc
     now = utcnow()
@@ -55,6 +57,14 @@ def scalekit_catalog(context: dg.AssetExecutionContext, scalekit: ScalekitResour
         "enabled": sum(1 for d in directories if d["enabled"]),
         "preview": dir_preview,
     })
+
+
+def _valid(context, kind: ids.IdKind, value) -> bool:
+    """Whether Scalekit's id has its kind's shape; one that has not is left out, with a warning."""
+    if kind.matches(value):
+        return True
+    context.log.warning(f"left out: {ids.shown(value)} is not a Scalekit {kind.name} id")
+    return False
 
 
 class DirectorySnapshotConfig(dg.Config):
@@ -95,7 +105,7 @@ def directory_snapshot(
         for org, why in report.skipped.items():
             context.log.warning(why)
         for org, error in report.failed.items():
-            context.log.error(f"{org}: {error}")
+            context.log.error(f"{ids.shown(org)}: {error}")
         metadata.update({
             "users_new": report.total("users_new"), "users_changed": report.total("users_changed"),
             "users_deleted": report.total("users_deleted"), "groups_new": report.total("groups_new"),
@@ -126,24 +136,14 @@ def directory_snapshot(
 
 def apply_inbox_events(context, warehouse, orgs: list[str], after_seq: int, up_to_seq: int) -> dict:
     """Apply the inbox's events for these organizations in (after_seq, up_to_seq] in one transaction."""
-    inbox = Inbox(settings().inbox_path)
+    for org in orgs:  # a partition added before ids were checked names nothing here
+        try:
+            ids.ORGANIZATION.check(org)
+        except ids.InvalidId as exc:
+            raise dg.Failure(description=f"partition {exc}") from exc
     wanted = set(orgs)
-    events, seq = [], after_seq
-    while True:
-        page = inbox.read_after(seq, limit=1000)
-        if not page:
-            break
-        for item in page:
-            if up_to_seq and item.seq > up_to_seq:
-                break
-            if item.organization_id in wanted:
-                try:
-                    events.append(event_from_body(item.webhook_id, item.body, item.seq, parse_time(item.received_at)))
-                except ValueError as exc:  # undecodable body: recorded as invalid, never blocks the others
-                    context.log.warning(f"inbox event {item.seq} is malformed: {exc}")
-        seq = page[-1].seq
-        if up_to_seq and seq >= up_to_seq:
-            break
+    events = [event_from_inbox(item) for item in Inbox(settings().inbox_path).read_range(after_seq, up_to_seq)
+              if item.organization_id in wanted]
     with warehouse.write() as con:
         outcomes = apply_events(con, events, utcnow())
     context.log.info(f"applied webhook events for {len(orgs)} organization(s): {outcomes}")

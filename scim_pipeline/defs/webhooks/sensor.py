@@ -3,6 +3,9 @@
 It reads the inbox (SQLite, never DuckDB) past its cursor, adds partitions for organizations it has not seen, and
 asks for a ``directory_events`` run (the sync's assets in ``events`` mode) for each organization with new events. The run applies them,
 then re-derives memberships, roles and change sets; the delivery sensor then pushes the changes.
+
+An organization id names a partition and run keys, so only a Scalekit organization id does: events whose
+``organization_id`` is anything else go to the ``quarantine_webhook_events`` job, which records them as invalid.
 """
 
 
@@ -13,7 +16,9 @@ import dagster as dg
 from scim_pipeline.config import settings
 from scim_pipeline.defs.jobs import directory_events_job, directory_sync_job
 from scim_pipeline.defs.partitions import organizations_partitions
+from scim_pipeline.defs.webhooks.quarantine import quarantine_webhook_events
 from scim_pipeline.receiver.inbox import Inbox
+from scim_pipeline.scalekit import ids
 
 MAX_EVENTS_PER_TICK = 20_000
 
@@ -22,8 +27,12 @@ def events_run_config(after_seq: int, up_to_seq: int) -> dict:
     return {"ops": {"directory_snapshot": {"config": {"mode": "events", "after_seq": after_seq, "up_to_seq": up_to_seq}}}}
 
 
+def quarantine_run_config(after_seq: int, up_to_seq: int) -> dict:
+    return {"ops": {"record_unroutable_events": {"config": {"after_seq": after_seq, "up_to_seq": up_to_seq}}}}
+
+
 @dg.sensor(
-    jobs=[directory_events_job, directory_sync_job],
+    jobs=[directory_events_job, directory_sync_job, quarantine_webhook_events],
     minimum_interval_seconds=1,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Launches an incremental run for each organization with new webhook events in the inbox.",
@@ -35,9 +44,12 @@ def webhook_events_sensor(context: dg.SensorEvaluationContext):
         return dg.SkipReason("no new webhook events")
     up_to = events[-1].seq
     per_org: dict[str, int] = defaultdict(int)
+    unroutable = 0
     for event in events:
-        if event.organization_id:
+        if ids.ORGANIZATION.matches(event.organization_id):
             per_org[event.organization_id] += 1
+        else:
+            unroutable += 1
     known = set(context.instance.get_dynamic_partitions(organizations_partitions.name))
     new = sorted(set(per_org) - known)
     # An organization seen for the first time gets a full sync: its events alone are not its directory.
@@ -54,6 +66,13 @@ def webhook_events_sensor(context: dg.SensorEvaluationContext):
                       tags={"scim_pipeline/trigger": "discovery"})
         for org, n in sorted(per_org.items())
     ]
+    if unroutable:
+        context.log.warning(f"{unroutable} event(s) up to seq {up_to} name no organization: recorded as invalid")
+        requests.append(dg.RunRequest(
+            job_name=quarantine_webhook_events.name, run_key=f"quarantine:{up_to}",
+            run_config=quarantine_run_config(after, up_to),
+            tags={"scim_pipeline/trigger": "webhook", "scim_pipeline/events": str(unroutable)},
+        ))
     context.log.info(f"{len(events)} events up to seq {up_to} for {len(per_org)} organization(s)")
     return dg.SensorResult(
         run_requests=requests,
