@@ -4,93 +4,31 @@ Per entity only the newest event counts, and only if it is newer than what the w
 version is the ``occurred_at`` of the last event applied to it, else the directory's own ``updated_at`` (or, for a
 tombstone learned from a snapshot, the listing's time). So duplicates, replays and reordering are harmless, and a
 late ``user_updated`` never brings back a deleted user. Every event gets a ``webhook_events`` row with its outcome.
+
+Each event stands alone: one that fails its checks (``webhook_envelope``), or names an entity of another
+organization, is recorded ``invalid`` with the reason, and its neighbours are applied all the same.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 
 import duckdb
 
-from scim_pipeline.scalekit import ids
+from scim_pipeline.warehouse.webhook_envelope import (
+    DIRECTORY_EVENTS,
+    GROUP_EVENTS,
+    KNOWN_EVENTS,
+    USER_EVENTS,
+    Event,
+    event_from_body,
+    event_from_inbox,
+    parse_time,
+)
 
-USER_EVENTS = {
-    "organization.directory.user_created", "organization.directory.user_updated", "organization.directory.user_deleted",
-}
-GROUP_EVENTS = {
-    "organization.directory.group_created", "organization.directory.group_updated",
-    "organization.directory.group_deleted",
-}
-DIRECTORY_EVENTS = {"organization.directory_enabled", "organization.directory_disabled"}
-KNOWN_EVENTS = USER_EVENTS | GROUP_EVENTS | DIRECTORY_EVENTS
-
-
-def parse_time(value: str | None) -> datetime | None:
-    """RFC 3339 (Scalekit sends up to nanoseconds and a Z) as a naive UTC datetime."""
-    if not value:
-        return None
-    text = value.strip().replace("Z", "+00:00")
-    main, _, rest = text.partition(".")
-    if rest:  # trim fractional seconds to microseconds, keep the offset
-        digits = "".join(ch for ch in rest if ch.isdigit())
-        offset = rest[len(digits):]
-        text = f"{main}.{digits[:6].ljust(6, '0')}{offset}"
-    parsed = datetime.fromisoformat(text)
-    if parsed.tzinfo is not None:
-        parsed = parsed.astimezone(timezone.utc).replace(tzinfo=None)
-    return parsed
-
-
-@dataclass
-class Event:
-    """One inbox entry as the applier needs it."""
-
-    webhook_id: str
-    event_id: str | None
-    type: str | None
-    organization_id: str | None
-    occurred_at: datetime | None
-    received_at: datetime | None
-    data: dict
-    seq: int
-    reason: str | None = None  # why the event is invalid: it is then recorded, never applied
-
-
-def event_from_body(webhook_id: str, body: str | dict, seq: int, received_at: datetime | None) -> Event:
-    payload = json.loads(body) if isinstance(body, str) else body
-    org = payload.get("organization_id")
-    return Event(
-        webhook_id=webhook_id,
-        event_id=payload.get("id"),
-        type=payload.get("type"),
-        organization_id=org if isinstance(org, str) else None,
-        occurred_at=parse_time(payload.get("occurred_at")),
-        received_at=received_at,
-        data=payload.get("data") if isinstance(payload.get("data"), dict) else {},
-        seq=seq,
-        reason=None if ids.ORGANIZATION.matches(org) else f"organization_id: {_why(ids.ORGANIZATION, org)}",
-    )
-
-
-def event_from_inbox(item) -> Event:
-    """An inbox entry (its ``webhook_id``, ``body``, ``seq`` and ``received_at``) as an event to apply; one that
-    cannot be read is an invalid event, recorded with the reason."""
-    received_at = parse_time(item.received_at)
-    try:
-        return event_from_body(item.webhook_id, item.body, item.seq, received_at)
-    except (ValueError, TypeError, AttributeError) as exc:
-        return Event(item.webhook_id, None, None, None, None, received_at, {}, item.seq,
-                     reason=f"unreadable: {type(exc).__name__}: {exc}"[:300])
-
-
-def _why(kind: ids.IdKind, value) -> str:
-    try:
-        kind.check(value)
-    except ids.InvalidId as exc:
-        return str(exc)
-    return ""
+# Reading and checking one event lives in webhook_envelope; these names are this module's too.
+__all__ = ["Event", "apply_events", "event_from_body", "event_from_inbox", "parse_time"]
 
 
 def _record_invalid(con: duckdb.DuckDBPyConnection, events: list[Event], applied_at: datetime) -> int:
@@ -124,13 +62,14 @@ def apply_events(con: duckdb.DuckDBPyConnection, events: list[Event], applied_at
     )
     rows = [
         (e.webhook_id, e.event_id, e.type, e.organization_id, e.occurred_at, e.received_at, e.seq,
-         e.data.get("id"), json.dumps(e.data))
+         e.entity_id, json.dumps(e.data))
         for e in events
     ]
     if rows:
         con.executemany("INSERT INTO stage_events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
-    # Outcomes first, from the state before applying: duplicate, ignored, invalid, stale, applied.
+    # Outcomes first, from the state before applying: duplicate, ignored, invalid, superseded, stale, applied.
+    users, groups, directories = _sql_list(USER_EVENTS), _sql_list(GROUP_EVENTS), _sql_list(DIRECTORY_EVENTS)
     con.execute(
         f"""
         CREATE OR REPLACE TEMP TABLE event_outcomes AS
@@ -138,29 +77,41 @@ def apply_events(con: duckdb.DuckDBPyConnection, events: list[Event], applied_at
             SELECT s.*, row_number() OVER (PARTITION BY coalesce(s.event_id, s.webhook_id) ORDER BY s.seq) AS copy
             FROM stage_events s
             WHERE s.webhook_id NOT IN (SELECT webhook_id FROM webhook_events)
-              AND (s.event_id IS NULL OR s.event_id NOT IN (SELECT event_id FROM webhook_events WHERE event_id IS NOT NULL))
+              AND (s.event_id IS NULL OR s.event_id NOT IN (
+                   SELECT event_id FROM webhook_events WHERE event_id IS NOT NULL AND outcome <> 'invalid'))
         ),
-        ranked AS (
-            SELECT f.*, row_number() OVER (PARTITION BY f.type IN ({_sql_list(USER_EVENTS)}),
-                       f.type IN ({_sql_list(GROUP_EVENTS)}), f.entity_id ORDER BY f.occurred_at DESC, f.seq DESC) AS rank
+        current AS (
+            SELECT f.*,
+                   CASE WHEN f.type IN ({users}) THEN (SELECT coalesce(u.event_at, u.updated_at)
+                            FROM directory_users u WHERE u.user_id = f.entity_id)
+                        WHEN f.type IN ({groups}) THEN (SELECT coalesce(g.event_at, g.updated_at)
+                            FROM directory_groups g WHERE g.group_id = f.entity_id)
+                   END AS version,
+                   -- the organization the entity already belongs to: another's event never changes it
+                   CASE WHEN f.type IN ({users}) THEN (SELECT u.organization_id FROM directory_users u
+                            WHERE u.user_id = f.entity_id)
+                        WHEN f.type IN ({groups}) THEN (SELECT g.organization_id FROM directory_groups g
+                            WHERE g.group_id = f.entity_id)
+                        WHEN f.type IN ({directories}) THEN (SELECT d.organization_id FROM directories d
+                            WHERE d.directory_id = f.entity_id)
+                   END AS owner
             FROM fresh f WHERE f.copy = 1
         ),
-        versioned AS (
-            SELECT r.*,
-                   CASE WHEN r.type IN ({_sql_list(USER_EVENTS)}) THEN (SELECT coalesce(u.event_at, u.updated_at)
-                            FROM directory_users u WHERE u.user_id = r.entity_id)
-                        WHEN r.type IN ({_sql_list(GROUP_EVENTS)}) THEN (SELECT coalesce(g.event_at, g.updated_at)
-                            FROM directory_groups g WHERE g.group_id = r.entity_id)
-                   END AS version
-            FROM ranked r
+        ranked AS (
+            SELECT c.*, c.owner IS NOT NULL AND c.owner <> c.organization_id AS foreign_entity,
+                   row_number() OVER (PARTITION BY c.type IN ({users}), c.type IN ({groups}), c.entity_id,
+                                      foreign_entity ORDER BY c.occurred_at DESC, c.seq DESC) AS rank
+            FROM current c
         )
         SELECT webhook_id, event_id, type, organization_id, occurred_at, received_at, seq, entity_id, data,
-               CASE WHEN type IS NULL OR type NOT IN ({_sql_list(KNOWN_EVENTS)}) THEN 'ignored'
-                    WHEN entity_id IS NULL OR occurred_at IS NULL OR organization_id IS NULL THEN 'invalid'
+               CASE WHEN type NOT IN ({_sql_list(KNOWN_EVENTS)}) THEN 'ignored'
+                    WHEN foreign_entity THEN 'invalid'
                     WHEN rank > 1 THEN 'superseded'
                     WHEN version IS NOT NULL AND occurred_at <= version THEN 'stale'
-                    ELSE 'applied' END AS outcome
-        FROM versioned
+                    ELSE 'applied' END AS outcome,
+               CASE WHEN type IN ({_sql_list(KNOWN_EVENTS)}) AND foreign_entity
+                    THEN 'data.id: ' || entity_id || ' belongs to another organization' END AS reason
+        FROM ranked
         """
     )
     apply = "SELECT * FROM event_outcomes WHERE outcome = 'applied'"
@@ -223,8 +174,8 @@ def apply_events(con: duckdb.DuckDBPyConnection, events: list[Event], applied_at
     con.execute(
         """
         INSERT OR IGNORE INTO webhook_events (event_id, webhook_id, type, organization_id, occurred_at, received_at,
-            applied_at, outcome, inbox_seq)
-        SELECT event_id, webhook_id, type, organization_id, occurred_at, received_at, $applied_at, outcome, seq
+            applied_at, outcome, inbox_seq, reason)
+        SELECT event_id, webhook_id, type, organization_id, occurred_at, received_at, $applied_at, outcome, seq, reason
         FROM event_outcomes
         """,
         {"applied_at": applied_at},

@@ -184,3 +184,37 @@ def test_an_event_naming_no_organization_touches_no_file_and_is_recorded_invalid
         assert next(u for u in world.app_state()["users"] if u["user_id"] == user["id"])["given_name"] == "Routed"
     finally:
         receiver.stop()
+
+
+def test_a_malformed_event_never_keeps_the_next_one_of_its_organization_from_the_application(world):
+    receiver = start_receiver(world)
+    try:
+        run_sync(say=lambda _: None)
+        org = world.emulator.state()["organizations"][0]
+        first, second = sorted(org["users"], key=lambda u: u["id"])[:2]
+        base = {"spec_version": "1", "type": "organization.directory.user_updated", "environment_id": "env_1",
+                "organization_id": org["id"], "object": "DirectoryUser", "occurred_at": "2030-01-01T00:00:00Z",
+                "data": {"id": first["id"], "organization_id": org["id"], "given_name": "Broken"}}
+        malformed = {
+            "evt_bad_time": {**base, "occurred_at": 12345},
+            "evt_bad_data_id": {**base, "data": {**base["data"], "id": {"id": first["id"]}}},
+            "evt_bad_active": {**base, "data": {**base["data"], "active": "no"}},
+            "evt_bad_groups": {**base, "data": {**base["data"], "groups": [{"id": 7}]}},
+        }
+        for event_id, envelope in malformed.items():
+            post_event(world, receiver, {**envelope, "id": event_id}, f"msg_{event_id}")
+        results = world.emulator.mutate([{"op": "update_user", "user_id": second["id"],
+                                          "changes": {"family_name": "StillDelivered"}}])
+        wait_for_inbox(set(malformed) | set(results[0]["event_ids"]))
+        apply_webhooks(None)
+
+        delivered = next(u for u in world.app_state()["users"] if u["user_id"] == second["id"])
+        assert delivered["family_name"] == "StillDelivered"
+        rows = query("SELECT event_id, outcome, reason FROM webhook_events WHERE event_id LIKE 'evt_bad_%'")
+        assert dict(zip(rows.event_id, rows.outcome)) == {event_id: "invalid" for event_id in malformed}
+        reasons = dict(zip(rows.event_id, rows.reason))
+        assert reasons["evt_bad_time"].startswith("occurred_at") and reasons["evt_bad_data_id"].startswith("data.id")
+        assert query(f"SELECT given_name FROM directory_users WHERE user_id = '{first['id']}'").given_name[0] != "Broken"
+        assert world.differences() == []
+    finally:
+        receiver.stop()
