@@ -28,7 +28,30 @@ from scim_pipeline.warehouse.webhook_envelope import (
 )
 
 # Reading and checking one event lives in webhook_envelope; these names are this module's too.
-__all__ = ["Event", "apply_events", "event_from_body", "event_from_inbox", "parse_time"]
+__all__ = ["Event", "apply_events", "applied_marks", "event_from_body", "event_from_inbox", "parse_time",
+           "record_applied"]
+
+QUARANTINE = "quarantine"  # the route of the events that name no organization (never an organization id)
+
+
+def applied_marks(con: duckdb.DuckDBPyConnection, routes: list[str]) -> dict[str, int]:
+    """How far each route's inbox events are applied (0 when nothing is yet)."""
+    found = dict(con.execute("SELECT route, applied_seq FROM webhook_progress WHERE list_contains($r, route)",
+                             {"r": routes}).fetchall())
+    return {route: found.get(route, 0) for route in routes}
+
+
+def record_applied(con: duckdb.DuckDBPyConnection, marks: dict[str, int], applied_at: datetime) -> None:
+    """Move each route's mark up to its seq (never back); in the transaction that applied the events."""
+    for route, seq in marks.items():
+        con.execute(
+            """
+            INSERT INTO webhook_progress VALUES ($route, $seq, $at)
+            ON CONFLICT (route) DO UPDATE SET applied_seq = greatest(applied_seq, excluded.applied_seq),
+                applied_at = excluded.applied_at
+            """,
+            {"route": route, "seq": seq, "at": applied_at},
+        )
 
 
 def _record_invalid(con: duckdb.DuckDBPyConnection, events: list[Event], applied_at: datetime) -> int:

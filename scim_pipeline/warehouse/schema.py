@@ -146,6 +146,13 @@ TABLES: dict[str, str] = {
         outcome VARCHAR,
         inbox_seq BIGINT
     """,
+    # How far each applier has applied the webhook inbox: an organization id (its incremental runs), or "quarantine"
+    # (events that name no organization). Its events up to applied_seq are applied or recorded in webhook_events.
+    "webhook_progress": """
+        route VARCHAR PRIMARY KEY,
+        applied_seq BIGINT NOT NULL,
+        applied_at TIMESTAMP
+    """,
     # Per-organization settings people change at run time (the guard's threshold, approvals).
     "organization_settings": """
         organization_id VARCHAR PRIMARY KEY,

@@ -134,3 +134,34 @@ def test_webhook_sensor_names_partitions_and_run_keys_only_with_organization_ids
     # The events naming no organization are recorded as invalid by a run of their own.
     assert set(by_job) == {"directory_events", "quarantine_webhook_events"}
     assert result.cursor == str(len(strange) + 1)
+
+
+def test_webhook_sensor_asks_again_for_events_no_run_applied(home, monkeypatch):
+    from scim_pipeline.defs.webhooks.sensor import RETRY_VAR
+    from scim_pipeline.definitions import defs
+
+    monkeypatch.setenv(RETRY_VAR, "0")
+    with Inbox(settings().inbox_path) as inbox:
+        for i, org in enumerate(["org_a", "../x", "org_a"]):
+            inbox.put(f"msg_{i}", json.dumps({"id": f"evt_{i}", "organization_id": org}))
+    with dg.instance_for_test() as instance:  # entered: the quarantine job below loads the definitions on it
+        instance.add_dynamic_partitions(organizations_partitions.name, ["org_a"])
+
+        def tick(cursor):
+            with dg.build_sensor_context(instance=instance, cursor=cursor) as context:
+                return webhook_events_sensor(context)
+
+        first = tick(None)
+        assert sorted(r.run_key for r in first.run_requests) == ["events:org_a:3", "quarantine:3"]
+        # Neither run happened (or both failed): the next tick asks for both again, under new keys.
+        again = tick(first.cursor)
+        assert sorted((r.job_name, r.partition_key) for r in again.run_requests) == [
+            ("directory_events", "org_a"), ("quarantine_webhook_events", None)]
+        assert not {r.run_key for r in again.run_requests} & {r.run_key for r in first.run_requests}
+
+        quarantine = next(r for r in again.run_requests if r.job_name == "quarantine_webhook_events")
+        assert defs.resolve_job_def(quarantine.job_name).execute_in_process(
+            instance=instance, run_config=quarantine.run_config).success
+        assert [r.partition_key for r in tick(first.cursor).run_requests] == ["org_a"]
+        Inbox(settings().inbox_path).mark_applied({"org_a": 3})  # what org_a's run does once it has applied them
+        assert isinstance(tick(first.cursor), dg.SkipReason)

@@ -2,6 +2,8 @@
 sensor's run requests executed here, then delivery. Duplicates, reordering and late replays end in the truth."""
 
 import json
+import subprocess
+import sys
 import time
 
 import dagster as dg
@@ -214,7 +216,76 @@ def test_a_malformed_event_never_keeps_the_next_one_of_its_organization_from_the
         assert dict(zip(rows.event_id, rows.outcome)) == {event_id: "invalid" for event_id in malformed}
         reasons = dict(zip(rows.event_id, rows.reason))
         assert reasons["evt_bad_time"].startswith("occurred_at") and reasons["evt_bad_data_id"].startswith("data.id")
-        assert query(f"SELECT given_name FROM directory_users WHERE user_id = '{first['id']}'").given_name[0] != "Broken"
+        untouched = query(f"SELECT given_name FROM directory_users WHERE user_id = '{first['id']}'")
+        assert untouched.given_name[0] != "Broken"
         assert world.differences() == []
+    finally:
+        receiver.stop()
+
+
+def sensor_tick(instance, cursor):
+    with dg.build_sensor_context(instance=instance, cursor=cursor) as context:
+        return webhook_events_sensor(context)
+
+
+def requests_of(result) -> list:
+    return [] if isinstance(result, dg.SkipReason) else list(result.run_requests)
+
+
+def test_a_failed_incremental_run_is_asked_for_again_and_its_events_reach_the_application(world, monkeypatch):
+    monkeypatch.setenv("SCIM_PIPELINE_EVENTS_RETRY_S", "2")
+    receiver = start_receiver(world)
+    try:
+        run_sync(say=lambda _: None)
+        org = world.emulator.state()["organizations"][0]
+        leaver = next(u for u in org["users"] if u["active"])
+        results = world.emulator.mutate([{"op": "deactivate_user", "user_id": leaver["id"]}])
+        wait_for_inbox(set(results[0]["event_ids"]))
+        instance = dagster_instance()
+        job = defs.resolve_job_def("directory_events")
+
+        first = sensor_tick(instance, None)
+        (request,) = requests_of(first)
+        # Another process holds the warehouse past the run's lock timeout: the run fails, its events unapplied.
+        holder = subprocess.Popen(
+            [sys.executable, "-c", "import duckdb, sys; c = duckdb.connect(sys.argv[1]); print('held', flush=True);"
+             " sys.stdin.read()", str(settings().warehouse_path)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            failed = job.execute_in_process(
+                instance=instance, partition_key=request.partition_key, raise_on_error=False,
+                run_config={**request.run_config, "resources": {"warehouse": {"config": {"lock_timeout_s": 0.5}}}})
+            assert not failed.success
+        finally:
+            holder.stdin.close()
+            holder.wait()
+
+        # No new events and the failure is fresh: nothing yet.
+        assert requests_of(sensor_tick(instance, first.cursor)) == []
+        time.sleep(2.2)
+        # A run of the organization in flight (queued, say): still nothing, it will apply them.
+        queued = instance.create_run_for_job(job_def=job, run_config=request.run_config,
+                                             tags={"dagster/partition": org["id"]})
+        assert requests_of(sensor_tick(instance, first.cursor)) == []
+        instance.delete_run(queued.run_id)
+
+        (retry,) = requests_of(sensor_tick(instance, first.cursor))
+        assert retry.partition_key == org["id"] and retry.run_key != request.run_key
+        assert job.execute_in_process(instance=instance, partition_key=retry.partition_key,
+                                      run_config=retry.run_config).success
+        assert defs.resolve_job_def("deliver_changes").execute_in_process(instance=instance, run_config={
+            "ops": {"deliver": {"config": {"backoff_s": 0}}}}).success
+        assert not next(u for u in world.app_state()["users"] if u["user_id"] == leaver["id"])["active"]
+        assert world.differences() == []
+
+        # Applied: never asked for again; running it once more changes nothing.
+        time.sleep(2.2)
+        assert requests_of(sensor_tick(instance, first.cursor)) == []
+        again = job.execute_in_process(instance=instance, partition_key=retry.partition_key,
+                                       run_config=retry.run_config)
+        snapshot = again.asset_materializations_for_node("directory_snapshot")[0].metadata
+        assert snapshot["events"].value == 0
+        assert query("SELECT count(*) AS n FROM webhook_events").n[0] == len(results[0]["event_ids"])
     finally:
         receiver.stop()

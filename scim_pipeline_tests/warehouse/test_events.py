@@ -92,7 +92,8 @@ def seed(wh: Warehouse) -> None:
         con.execute("INSERT INTO directories (directory_id, organization_id, enabled) VALUES ('dir_1', $o, true)",
                     {"o": ORG})
         con.execute("INSERT INTO directories (directory_id, organization_id, enabled) VALUES ('dir_2', 'org_2', true)")
-        con.execute("INSERT INTO directory_users (user_id, organization_id, email) VALUES ('diruser_999', 'org_2', 'o@x')")
+        con.execute("INSERT INTO directory_users (user_id, organization_id, email)"
+                    " VALUES ('diruser_999', 'org_2', 'o@x')")
 
 
 def test_every_malformed_shape_is_recorded_invalid_and_its_neighbours_are_applied(tmp_path):

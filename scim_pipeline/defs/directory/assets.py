@@ -7,6 +7,7 @@ concurrently. The same step also runs in ``events`` mode, where it applies the w
 instead of re-reading the directory: both modes end in the same derived assets.
 """
 
+import sqlite3
 
 import dagster as dg
 
@@ -21,7 +22,7 @@ from scim_pipeline.receiver.inbox import Inbox
 from scim_pipeline.defs.resources import ScalekitResource
 from scim_pipeline.warehouse.connection import Warehouse
 from scim_pipeline.warehouse.directory import upsert_directories, upsert_organizations
-from scim_pipeline.warehouse.events import apply_events, event_from_inbox
+from scim_pipeline.warehouse.events import apply_events, applied_marks, event_from_inbox, record_applied
 
 
 @dg.multi_asset(
@@ -70,7 +71,8 @@ def _valid(context, kind: ids.IdKind, value) -> bool:
 class DirectorySnapshotConfig(dg.Config):
     mode: str = "full"  # "full": re-read the directory from Scalekit; "events": apply the inbox's webhook events
     up_to_seq: int = 0  # events mode: apply this organization's inbox events up to this sequence number (0: all)
-    after_seq: int = 0  # events mode: start reading the inbox after this sequence number
+    # events mode: how far the sensor saw the events applied, for the record; the run starts from the warehouse's mark
+    after_seq: int = 0
     workers: int = 8  # full mode: organizations listed at once
 
 
@@ -94,7 +96,7 @@ def directory_snapshot(
     orgs = list(context.partition_keys)
     metadata: dict = {"organizations": len(orgs), "mode": config.mode}
     if config.mode == "events":
-        metadata.update(apply_inbox_events(context, warehouse, orgs, config.after_seq, config.up_to_seq))
+        metadata.update(apply_inbox_events(context, warehouse, orgs, config.up_to_seq))
     elif config.mode == "full":
         try:
             report = sync_organizations(
@@ -134,17 +136,34 @@ def directory_snapshot(
     })
 
 
-def apply_inbox_events(context, warehouse, orgs: list[str], after_seq: int, up_to_seq: int) -> dict:
-    """Apply the inbox's events for these organizations in (after_seq, up_to_seq] in one transaction."""
+def apply_inbox_events(context, warehouse: Warehouse, orgs: list[str], up_to_seq: int) -> dict:
+    """Apply every inbox event of these organizations up to ``up_to_seq`` (0: all) that the warehouse has not
+    applied yet, in one transaction, and move their applied marks to it.
+
+    The warehouse's own mark says where to start, not the sensor: a run that failed moved nothing, so the next one
+    applies its events too, and an event applied twice is recorded once and changes nothing."""
     for org in orgs:  # a partition added before ids were checked names nothing here
         try:
             ids.ORGANIZATION.check(org)
         except ids.InvalidId as exc:
             raise dg.Failure(description=f"partition {exc}") from exc
-    wanted = set(orgs)
-    events = [event_from_inbox(item) for item in Inbox(settings().inbox_path).read_range(after_seq, up_to_seq)
-              if item.organization_id in wanted]
+    inbox = Inbox(settings().inbox_path)
+    end = up_to_seq or inbox.last_seq()
     with warehouse.write() as con:
+        start = applied_marks(con, orgs)
+        events = [event_from_inbox(item) for org in orgs for item in inbox.read_organization(org, start[org], end)]
         outcomes = apply_events(con, events, utcnow())
-    context.log.info(f"applied webhook events for {len(orgs)} organization(s): {outcomes}")
+        marks = {org: max(start[org], end) for org in orgs}
+        record_applied(con, marks, utcnow())
+    publish_marks(context, inbox, marks)
+    context.log.info(f"applied webhook events for {len(orgs)} organization(s) up to seq {end}: {outcomes}")
     return {f"events_{k}": v for k, v in outcomes.items()} | {"events": len(events)}
+
+
+def publish_marks(context, inbox: Inbox, marks: dict[str, int]) -> None:
+    """Tell the webhook sensor (through the inbox file) how far events are applied, once the warehouse has them.
+    If this fails, the warehouse's marks still hold: the sensor asks again and that run finds nothing to apply."""
+    try:
+        inbox.mark_applied(marks)
+    except sqlite3.Error as exc:
+        context.log.warning(f"could not record the applied marks in the inbox ({exc}); the sensor will ask again")
