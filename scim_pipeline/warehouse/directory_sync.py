@@ -103,7 +103,7 @@ def sync_organizations(
             # One transaction per organization, committed before it is reported: an organization reported done
             # survives the process being killed, and one that fails half-way leaves its rows as they were.
             with transaction(con):
-                upsert_directories(con, spool.directories, utcnow())
+                upsert_directories(con, spool.directories, utcnow(), spool.listed_at)
                 counts = load_snapshot(con, spool, utcnow())
         finally:
             spool.remove()

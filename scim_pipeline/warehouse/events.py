@@ -1,9 +1,12 @@
 """Scalekit webhook events applied to the warehouse (the incremental path).
 
-Per entity only the newest event counts, and only if it is newer than what the warehouse already has: a row's
-version is the ``occurred_at`` of the last event applied to it, else the directory's own ``updated_at`` (or, for a
-tombstone learned from a snapshot, the listing's time). So duplicates, replays and reordering are harmless, and a
-late ``user_updated`` never brings back a deleted user. Every event gets a ``webhook_events`` row with its outcome.
+Per entity (user, group, directory) only the newest event counts, and only if it is newer than what the warehouse
+already has: a row's version is the ``occurred_at`` of the last event applied to it, else the directory's own
+``updated_at`` (or the time a listing began: a tombstone learned from a snapshot, a directory's catalogue entry).
+Times are compared to the nanosecond (Scalekit's precision; ``event_nanos`` holds what a TIMESTAMP cannot). At the
+same instant a delete wins, then the later arrival in the inbox (``event_seq``). So duplicates, replays and
+reordering are harmless, and a late ``user_updated`` never brings back a deleted user. Every event gets a
+``webhook_events`` row with its outcome.
 
 Each event stands alone: one that fails its checks (``webhook_envelope``), or names an entity of another
 organization, is recorded ``invalid`` with the reason, and its neighbours are applied all the same.
@@ -80,19 +83,19 @@ def apply_events(con: duckdb.DuckDBPyConnection, events: list[Event], applied_at
         """
         CREATE OR REPLACE TEMP TABLE stage_events (
             webhook_id VARCHAR, event_id VARCHAR, type VARCHAR, organization_id VARCHAR, occurred_at TIMESTAMP,
-            received_at TIMESTAMP, seq BIGINT, entity_id VARCHAR, data JSON)
+            nanos SMALLINT, is_delete BOOLEAN, received_at TIMESTAMP, seq BIGINT, entity_id VARCHAR, data JSON)
         """
     )
     rows = [
-        (e.webhook_id, e.event_id, e.type, e.organization_id, e.occurred_at, e.received_at, e.seq,
-         e.entity_id, json.dumps(e.data))
+        (e.webhook_id, e.event_id, e.type, e.organization_id, e.occurred_at, e.nanos, e.is_delete, e.received_at,
+         e.seq, e.entity_id, json.dumps(e.data))
         for e in events
     ]
     if rows:
-        con.executemany("INSERT INTO stage_events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        con.executemany("INSERT INTO stage_events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     # Outcomes first, from the state before applying: duplicate, ignored, invalid, superseded, stale, applied.
-    users, groups, directories = _sql_list(USER_EVENTS), _sql_list(GROUP_EVENTS), _sql_list(DIRECTORY_EVENTS)
+    users, groups = _sql_list(USER_EVENTS), _sql_list(GROUP_EVENTS)
     con.execute(
         f"""
         CREATE OR REPLACE TEMP TABLE event_outcomes AS
@@ -103,35 +106,41 @@ def apply_events(con: duckdb.DuckDBPyConnection, events: list[Event], applied_at
               AND (s.event_id IS NULL OR s.event_id NOT IN (
                    SELECT event_id FROM webhook_events WHERE event_id IS NOT NULL AND outcome <> 'invalid'))
         ),
-        current AS (
-            SELECT f.*,
-                   CASE WHEN f.type IN ({users}) THEN (SELECT coalesce(u.event_at, u.updated_at)
-                            FROM directory_users u WHERE u.user_id = f.entity_id)
-                        WHEN f.type IN ({groups}) THEN (SELECT coalesce(g.event_at, g.updated_at)
-                            FROM directory_groups g WHERE g.group_id = f.entity_id)
-                   END AS version,
-                   -- the organization the entity already belongs to: another's event never changes it
-                   CASE WHEN f.type IN ({users}) THEN (SELECT u.organization_id FROM directory_users u
-                            WHERE u.user_id = f.entity_id)
-                        WHEN f.type IN ({groups}) THEN (SELECT g.organization_id FROM directory_groups g
-                            WHERE g.group_id = f.entity_id)
-                        WHEN f.type IN ({directories}) THEN (SELECT d.organization_id FROM directories d
-                            WHERE d.directory_id = f.entity_id)
-                   END AS owner
-            FROM fresh f WHERE f.copy = 1
+        -- What the warehouse holds of each entity the events name (ids of users, groups and directories have
+        -- distinct prefixes, so one lookup serves all three): its organization and its version.
+        entities AS (
+            SELECT user_id AS id, organization_id AS owner, coalesce(event_at, updated_at) AS version_at,
+                   coalesce(event_nanos, 0) AS version_nanos, event_seq AS version_seq,
+                   deleted_at IS NOT NULL AS version_deleted
+            FROM directory_users WHERE user_id IN (SELECT entity_id FROM fresh)
+            UNION ALL
+            SELECT group_id, organization_id, coalesce(event_at, updated_at), coalesce(event_nanos, 0), event_seq,
+                   deleted_at IS NOT NULL
+            FROM directory_groups WHERE group_id IN (SELECT entity_id FROM fresh)
+            UNION ALL
+            SELECT directory_id, organization_id, event_at, coalesce(event_nanos, 0), event_seq, false
+            FROM directories WHERE directory_id IN (SELECT entity_id FROM fresh)
         ),
         ranked AS (
-            SELECT c.*, c.owner IS NOT NULL AND c.owner <> c.organization_id AS foreign_entity,
-                   row_number() OVER (PARTITION BY c.type IN ({users}), c.type IN ({groups}), c.entity_id,
-                                      foreign_entity ORDER BY c.occurred_at DESC, c.seq DESC) AS rank
-            FROM current c
+            SELECT f.*, x.version_at, x.version_nanos, x.version_seq, x.version_deleted,
+                   -- another organization's event never changes an entity
+                   coalesce(x.owner <> f.organization_id, false) AS foreign_entity,
+                   row_number() OVER (PARTITION BY f.type IN ({users}), f.type IN ({groups}), f.entity_id,
+                                      foreign_entity
+                                      ORDER BY f.occurred_at DESC, f.nanos DESC, f.is_delete DESC, f.seq DESC) AS rank
+            FROM fresh f LEFT JOIN entities x ON x.id = f.entity_id
+            WHERE f.copy = 1
         )
-        SELECT webhook_id, event_id, type, organization_id, occurred_at, received_at, seq, entity_id, data,
+        SELECT webhook_id, event_id, type, organization_id, occurred_at, received_at, seq, entity_id, data, nanos,
                CASE WHEN type NOT IN ({_sql_list(KNOWN_EVENTS)}) THEN 'ignored'
                     WHEN foreign_entity THEN 'invalid'
                     WHEN rank > 1 THEN 'superseded'
-                    WHEN version IS NOT NULL AND occurred_at <= version THEN 'stale'
-                    ELSE 'applied' END AS outcome,
+                    WHEN version_at IS NULL OR (occurred_at, nanos) > (version_at, version_nanos) THEN 'applied'
+                    -- the same instant: a delete wins, then the later arrival (a listing's version has none)
+                    WHEN (occurred_at, nanos) = (version_at, version_nanos)
+                         AND ((is_delete AND NOT version_deleted)
+                              OR (is_delete = version_deleted AND seq > version_seq)) THEN 'applied'
+                    ELSE 'stale' END AS outcome,
                CASE WHEN type IN ({_sql_list(KNOWN_EVENTS)}) AND foreign_entity
                     THEN 'data.id: ' || entity_id || ' belongs to another organization' END AS reason
         FROM ranked
@@ -143,20 +152,21 @@ def apply_events(con: duckdb.DuckDBPyConnection, events: list[Event], applied_at
     con.execute(
         f"""
         INSERT INTO directory_users AS t (user_id, organization_id, directory_id, email, given_name, family_name,
-            preferred_username, active, emails, updated_at, detail, deleted_at, synced_at, event_at)
+            preferred_username, active, emails, updated_at, detail, deleted_at, synced_at, event_at, event_nanos,
+            event_seq)
         SELECT e.entity_id, e.organization_id,
                coalesce(e.data ->> 'directory_id',
                         (SELECT min(directory_id) FROM directories d WHERE d.organization_id = e.organization_id)),
                e.data ->> 'email', e.data ->> 'given_name', e.data ->> 'family_name',
                e.data ->> 'preferred_username', coalesce((e.data ->> 'active')::BOOLEAN, true),
                coalesce(e.data -> 'emails', to_json([e.data ->> 'email'])), e.occurred_at, e.data, NULL, NULL,
-               e.occurred_at
+               e.occurred_at, e.nanos, e.seq
         FROM ({user_upserts}) e
         ON CONFLICT (user_id) DO UPDATE SET
             email = excluded.email, given_name = excluded.given_name, family_name = excluded.family_name,
             preferred_username = excluded.preferred_username, active = excluded.active, emails = excluded.emails,
             updated_at = excluded.updated_at, detail = excluded.detail, deleted_at = NULL,
-            event_at = excluded.event_at
+            event_at = excluded.event_at, event_nanos = excluded.event_nanos, event_seq = excluded.event_seq
         """
     )
     # A user event carries the user's groups: its raw memberships become exactly those.
@@ -171,26 +181,29 @@ def apply_events(con: duckdb.DuckDBPyConnection, events: list[Event], applied_at
     )
     con.execute(
         f"""
-        UPDATE directory_users AS t SET deleted_at = e.occurred_at, event_at = e.occurred_at
+        UPDATE directory_users AS t SET deleted_at = e.occurred_at, event_at = e.occurred_at, event_nanos = e.nanos,
+            event_seq = e.seq
         FROM ({apply} AND type = 'organization.directory.user_deleted') e WHERE t.user_id = e.entity_id
         """
     )
     con.execute(
         f"""
         INSERT INTO directory_groups AS t (group_id, organization_id, directory_id, display_name, updated_at, detail,
-            deleted_at, synced_at, event_at)
+            deleted_at, synced_at, event_at, event_nanos, event_seq)
         SELECT e.entity_id, e.organization_id, e.data ->> 'directory_id', e.data ->> 'display_name', e.occurred_at,
                e.data, CASE WHEN e.type = 'organization.directory.group_deleted' THEN e.occurred_at END, NULL,
-               e.occurred_at
+               e.occurred_at, e.nanos, e.seq
         FROM ({apply} AND type IN ({_sql_list(GROUP_EVENTS)})) e
         ON CONFLICT (group_id) DO UPDATE SET
             display_name = coalesce(excluded.display_name, t.display_name), updated_at = excluded.updated_at,
-            detail = excluded.detail, deleted_at = excluded.deleted_at, event_at = excluded.event_at
+            detail = excluded.detail, deleted_at = excluded.deleted_at, event_at = excluded.event_at,
+            event_nanos = excluded.event_nanos, event_seq = excluded.event_seq
         """
     )
     con.execute(
         f"""
-        UPDATE directories AS d SET enabled = (e.type = 'organization.directory_enabled')
+        UPDATE directories AS d SET enabled = (e.type = 'organization.directory_enabled'), event_at = e.occurred_at,
+            event_nanos = e.nanos, event_seq = e.seq
         FROM ({apply} AND type IN ({_sql_list(DIRECTORY_EVENTS)})) e WHERE d.directory_id = e.entity_id
         """
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import duckdb
 
-SCHEMA_VERSION = 2  # 2: the columns of ADDED_COLUMNS
+SCHEMA_VERSION = 2  # 2: the columns of ADDED_COLUMNS, the table webhook_progress
 
 TABLES: dict[str, str] = {
     "organizations": """
@@ -165,6 +165,11 @@ TABLES: dict[str, str] = {
 # Columns added after their table was first released, in order. They are appended to a new table's columns and
 # added to an existing file's table when the warehouse is opened for writing, so both have the same column order.
 ADDED_COLUMNS: dict[str, dict[str, str]] = {
+    # The version a webhook event (or a catalogue listing) gave the row, to the nanosecond: event_at holds the
+    # microseconds, event_nanos the nanoseconds beyond them, event_seq the event's inbox seq (ties: the later wins).
+    "directories": {"event_at": "TIMESTAMP", "event_nanos": "SMALLINT", "event_seq": "BIGINT"},
+    "directory_users": {"event_nanos": "SMALLINT", "event_seq": "BIGINT"},
+    "directory_groups": {"event_nanos": "SMALLINT", "event_seq": "BIGINT"},
     # why an event was recorded ``invalid``
     "webhook_events": {"reason": "VARCHAR"},
 }

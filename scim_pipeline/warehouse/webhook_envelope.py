@@ -42,7 +42,8 @@ ENTITY = {
 USER_TEXT_FIELDS = ("email", "given_name", "family_name", "preferred_username")
 
 _TOKEN = re.compile(r"[\x21-\x7e]{1,100}")  # an event id or type: printable ASCII, no spaces
-_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:Z|[+-]\d{2}:\d{2})", re.ASCII)
+_RFC3339 = re.compile(r"(?P<seconds>\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(?P<fraction>\d{1,9}))?"
+                      r"(?P<offset>Z|[+-]\d{2}:\d{2})", re.ASCII)
 REASON_MAX = 300
 
 
@@ -64,6 +65,12 @@ class Event:
     data: dict
     seq: int
     reason: str | None = None
+    # occurred_at's nanoseconds beyond its microsecond (a TIMESTAMP holds microseconds; Scalekit sends nanoseconds)
+    nanos: int = 0
+
+    @property
+    def is_delete(self) -> bool:
+        return self.type in DELETE_EVENTS
 
     @property
     def entity_id(self) -> str | None:
@@ -72,15 +79,26 @@ class Event:
 
 def parse_time(value: Any) -> datetime | None:
     """RFC 3339 text (Scalekit sends up to nanoseconds and a Z) as a naive UTC datetime, to the microsecond;
-    None for anything else."""
-    if not isinstance(value, str) or not _RFC3339.fullmatch(value):
+    None for anything else. ``parse_nanos`` keeps the rest."""
+    parsed = _parse(value)
+    return parsed[0] if parsed else None
+
+
+def parse_nanos(value: Any) -> int:
+    """The nanoseconds of an RFC 3339 time beyond its microsecond (0-999): with ``parse_time``, its full precision."""
+    parsed = _parse(value)
+    return parsed[1] if parsed else 0
+
+
+def _parse(value: Any) -> tuple[datetime, int] | None:
+    match = _RFC3339.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
         return None
-    main, _, rest = value.replace("Z", "+00:00").partition(".")
-    if rest:  # trim fractional seconds to microseconds, keep the offset
-        digits = rest[:-6]
-        main = f"{main}.{digits[:6].ljust(6, '0')}{rest[-6:]}"
+    fraction = (match["fraction"] or "").ljust(9, "0")
+    offset = "+00:00" if match["offset"] == "Z" else match["offset"]
     try:
-        return datetime.fromisoformat(main).astimezone(timezone.utc).replace(tzinfo=None)
+        when = datetime.fromisoformat(f"{match['seconds']}.{fraction[:6]}{offset}")
+        return when.astimezone(timezone.utc).replace(tzinfo=None), int(fraction[6:])
     except (ValueError, OverflowError):  # the right shape, an impossible date or time
         return None
 
@@ -107,6 +125,7 @@ def event_from_body(webhook_id: str, body: str | dict, seq: int, received_at: da
         received_at=received_at,
         data={},
         seq=seq,
+        nanos=parse_nanos(payload.get("occurred_at")),
     )
     try:
         event.data = _checked(payload)

@@ -8,7 +8,7 @@ from datetime import datetime
 
 from scim_pipeline.receiver.inbox import Inbox
 from scim_pipeline.warehouse.connection import Warehouse
-from scim_pipeline.warehouse.events import apply_events, event_from_inbox
+from scim_pipeline.warehouse.events import apply_events, event_from_body, event_from_inbox
 
 ORG = "org_1"
 USER_UPDATED = "organization.directory.user_updated"
@@ -166,3 +166,126 @@ def test_random_malformations_never_block_a_valid_event(tmp_path):
                            ).fetchone()[0] == 0
         bad_rows = con.execute("SELECT count(*) FROM directory_users WHERE typeof(active) <> 'BOOLEAN'").fetchone()[0]
     assert live == expected and bad_rows == 0
+
+
+# --- ordering: by the full-precision occurred_at, a delete winning a tie, then the inbox's arrival order ---------
+
+T = "2024-09-25T02:26:39.036398"  # Scalekit's occurred_at has nanoseconds: T + "577Z"
+
+
+def at(nanos: str) -> str:
+    return f"{T}{nanos}Z"
+
+
+def apply(wh: Warehouse, *events: tuple[int, dict]) -> dict:
+    """One incremental run's batch: (inbox seq, envelope) pairs."""
+    with wh.write() as con:
+        return apply_events(con, [event_from_body(f"msg_{seq}", json.dumps(e), seq, datetime(2026, 1, 1))
+                                  for seq, e in events], datetime(2026, 1, 1))
+
+
+def user_at(type_: str, occurred_at: str, given_name: str = "G", n: int = 1) -> dict:
+    event = user_event(n, type_, given_name)
+    event["id"] = f"evt_{n}_{type_[-7:]}_{occurred_at}_{given_name}"
+    event["occurred_at"] = occurred_at
+    if type_ == "organization.directory.user_deleted":
+        event["data"] = {"id": event["data"]["id"], "organization_id": ORG, "email": event["data"]["email"]}
+    return event
+
+
+def user_row(wh: Warehouse, n: int = 1) -> tuple:
+    with wh.read() as con:
+        return con.execute("SELECT given_name, deleted_at IS NOT NULL FROM directory_users WHERE user_id = $u",
+                           {"u": f"diruser_{n}"}).fetchone()
+
+
+CREATED = "organization.directory.user_created"
+DELETED = "organization.directory.user_deleted"
+
+
+def test_a_delete_wins_an_occurred_at_tie_in_one_batch_and_across_batches(tmp_path):
+    wh = Warehouse(tmp_path / "w.duckdb")
+    seed(wh)
+    apply(wh, (1, user_at(CREATED, at("000"), "Born", n=1)), (2, user_at(CREATED, at("000"), "Born", n=2)),
+          (3, user_at(CREATED, at("000"), "Born", n=3)))
+    # One batch: the update arrived after the delete, at the same instant.
+    apply(wh, (10, user_at(DELETED, at("577"), n=1)), (11, user_at(USER_UPDATED, at("577"), "Back", n=1)))
+    assert user_row(wh, 1) == ("Born", True)
+    # Across batches, either way round.
+    apply(wh, (20, user_at(USER_UPDATED, at("577"), "Updated", n=2)))
+    apply(wh, (21, user_at(DELETED, at("577"), n=2)))
+    assert user_row(wh, 2) == ("Updated", True)
+    apply(wh, (30, user_at(DELETED, at("577"), n=3)))
+    apply(wh, (31, user_at(USER_UPDATED, at("577"), "Back", n=3)))
+    assert user_row(wh, 3) == ("Born", True)
+
+
+def test_events_nanoseconds_apart_keep_their_order(tmp_path):
+    wh = Warehouse(tmp_path / "w.duckdb")
+    seed(wh)
+    apply(wh, *[(n, user_at(CREATED, at("000"), "Born", n=n)) for n in (1, 2, 3)])
+    apply(wh, (10, user_at(USER_UPDATED, at("577"), "Older", n=1)))
+    apply(wh, (11, user_at(USER_UPDATED, at("578"), "Newer", n=1)))
+    assert user_row(wh, 1) == ("Newer", False)
+    # Arrived the other way round: in one batch, and across batches.
+    apply(wh, (20, user_at(USER_UPDATED, at("578"), "Newer", n=2)),
+          (21, user_at(USER_UPDATED, at("577"), "Older", n=2)))
+    assert user_row(wh, 2) == ("Newer", False)
+    apply(wh, (30, user_at(USER_UPDATED, at("578"), "Newer", n=3)))
+    counts = apply(wh, (31, user_at(USER_UPDATED, at("577"), "Older", n=3)))
+    assert user_row(wh, 3) == ("Newer", False) and counts["stale"] == 1
+    # A delete a nanosecond older than an update does not win.
+    apply(wh, (40, user_at(USER_UPDATED, at("579"), "Kept", n=1)), (41, user_at(DELETED, at("578"), n=1)))
+    assert user_row(wh, 1) == ("Kept", False)
+
+
+def test_two_updates_at_the_same_instant_keep_the_inbox_arrival_order(tmp_path):
+    wh = Warehouse(tmp_path / "w.duckdb")
+    seed(wh)
+    apply(wh, (1, user_at(CREATED, at("000"), "Born")))
+    apply(wh, (10, user_at(USER_UPDATED, at("577"), "First")), (11, user_at(USER_UPDATED, at("577"), "Second")))
+    assert user_row(wh) == ("Second", False)
+    apply(wh, (12, user_at(USER_UPDATED, at("577"), "Third")))
+    assert user_row(wh) == ("Third", False)
+
+
+def directory_at(type_: str, occurred_at: str) -> dict:
+    event = directory_event()
+    event.update(type=type_, occurred_at=occurred_at, id=f"evt_{type_[-8:]}_{occurred_at}")
+    return event
+
+
+def enabled(wh: Warehouse) -> bool:
+    with wh.read() as con:
+        return con.execute("SELECT enabled FROM directories WHERE directory_id = 'dir_1'").fetchone()[0]
+
+
+def test_a_stale_directory_event_or_listing_never_flips_the_directory_back(tmp_path):
+    from scim_pipeline.warehouse.directory import upsert_directories
+
+    wh = Warehouse(tmp_path / "w.duckdb")
+    seed(wh)
+    ENABLED = "organization.directory_enabled"
+    listing = {"directory_id": "dir_1", "organization_id": ORG, "name": "D", "provider": "OKTA",
+               "directory_type": "SCIM", "role_assignments": [], "total_users": 1, "total_groups": 1}
+
+    def list_catalogue(is_enabled: bool, listed_at: datetime) -> None:
+        with wh.write() as con:
+            upsert_directories(con, [{**listing, "enabled": is_enabled}], datetime(2026, 1, 1), listed_at)
+
+    list_catalogue(True, datetime(2024, 9, 25, 2, 0))
+    apply(wh, (1, directory_at(DIRECTORY_DISABLED, "2024-09-25T02:26:39.000000002Z")))
+    counts = apply(wh, (2, directory_at(ENABLED, "2024-09-25T02:26:39.000000001Z")))  # older, arrived later
+    assert not enabled(wh) and counts["stale"] == 1
+    apply(wh, (3, directory_at(ENABLED, "2024-09-25T02:26:40Z")),
+          (4, directory_at(DIRECTORY_DISABLED, "2024-09-25T02:26:39.5Z")))
+    assert enabled(wh)
+    # A listing that began before the last event cannot know it; one that began after it can.
+    list_catalogue(False, datetime(2024, 9, 25, 2, 26, 39, 900000))
+    assert enabled(wh)
+    list_catalogue(False, datetime(2024, 9, 25, 2, 27))
+    assert not enabled(wh)
+    counts = apply(wh, (5, directory_at(ENABLED, "2024-09-25T02:26:59Z")))  # older than that listing
+    assert not enabled(wh) and counts["stale"] == 1
+    apply(wh, (6, directory_at(ENABLED, "2024-09-25T02:27:01Z")))
+    assert enabled(wh)

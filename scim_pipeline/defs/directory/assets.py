@@ -37,6 +37,7 @@ from scim_pipeline.warehouse.events import apply_events, applied_marks, event_fr
 def scalekit_catalog(context: dg.AssetExecutionContext, scalekit: ScalekitResource,
                      warehouse: dg.ResourceParam[Warehouse]):
     api = scalekit.api()
+    listed_at = utcnow()  # what the listing says is as of when it began: an event after that is newer
     try:
         orgs = [org for org in api.organizations() if _valid(context, ids.ORGANIZATION, org["organization_id"])]
         directories = [d for org in orgs for d in api.directories(org["organization_id"])
@@ -46,7 +47,7 @@ def scalekit_catalog(context: dg.AssetExecutionContext, scalekit: ScalekitResour
     now = utcnow()
     with warehouse.write() as con:
         upsert_organizations(con, orgs, now)
-        upsert_directories(con, directories, now)
+        upsert_directories(con, directories, now, listed_at)
         org_preview = preview(con, "SELECT organization_id, display_name, external_id FROM organizations ORDER BY 1")
         dir_preview = preview(con, "SELECT directory_id, organization_id, provider, enabled, total_users FROM directories ORDER BY 2")
     context.log.info(f"{len(orgs)} organizations, {len(directories)} directories")
