@@ -71,15 +71,13 @@ def sync_organizations(
     One organization failing (or having no directory) never stops the others; a Scalekit that refuses our
     credentials or cannot be reached at all is raised at once, since no organization can succeed."""
     report = SyncReport()
+    api.client  # authenticate once up front: bad credentials or an unreachable Scalekit fail here, clearly
     total = len(organization_ids)
     # An id that is not an organization's (a partition added before ids were checked) names no spool folder.
     for org in organization_ids:
         if not ids.ORGANIZATION.matches(org):
             report.failed[org] = f"not synced: {ids.shown(org)} is not a Scalekit organization id"
     organization_ids = [org for org in organization_ids if org not in report.failed]
-    if not organization_ids:
-        return report
-    api.client  # authenticate once up front: bad credentials or an unreachable Scalekit fail here, clearly
     listed: queue.Queue[Future] = queue.Queue()
 
     def done() -> int:

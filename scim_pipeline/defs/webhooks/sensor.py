@@ -148,12 +148,14 @@ def retry_requests(context: dg.SensorEvaluationContext, inbox: Inbox, marks: dic
         if instance.get_run_records(dg.RunsFilter(**runs, statuses=IN_FLIGHT), limit=1):
             continue  # that run will apply them
         latest = instance.get_run_records(dg.RunsFilter(**runs), limit=1)
-        if latest and now - (latest[0].end_time or now) < grace:
+        # A run that never started has no end time: its last update stands for it.
+        if latest and now - (latest[0].end_time or latest[0].update_timestamp.timestamp()) < grace:
             continue  # ended moments ago: let its marks land, and do not retry a failing warehouse at once
         # A new key for each attempt: the run it follows names it.
         run_key = f"retry:{route}:{up_to}:{latest[0].dagster_run.run_id if latest else 'none'}"
-        context.log.warning(f"{route}: inbox events from seq {seq} are not applied and no run of them is in "
-                            f"flight: asking again")
+        # Routine after an organization's first sync (it applies no events); otherwise a run failed or was lost.
+        context.log.info(f"{route}: inbox events from seq {seq} are not applied and no run of them is in flight: "
+                         "asking again")
         if route == QUARANTINE:
             requests.append(quarantine_request(marks.get(QUARANTINE, 0), up_to, run_key))
         else:
