@@ -180,7 +180,7 @@ def write_alone(org_ids: list[str], workers: int, folder: Path) -> tuple[float, 
             if i:
                 con.execute("COMMIT")
                 con.execute("BEGIN TRANSACTION")
-            upsert_directories(con, spool.directories, utcnow())
+            upsert_directories(con, spool.directories, utcnow(), spool.listed_at)
             load_snapshot(con, spool, utcnow())
     wall, cpu, _ = clock.stop()
     return wall, cpu, sum(s.users for s in spools)

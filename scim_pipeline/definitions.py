@@ -8,6 +8,7 @@ from scim_pipeline.defs.directory.automation import discover_organizations, reco
 from scim_pipeline.defs.jobs import directory_catalog_job, directory_events_job, directory_sync_job
 from scim_pipeline.defs.provisioning.assets import provisioning
 from scim_pipeline.defs.provisioning.delivery import deliver_changes, delivered_state, delivery_sensor
+from scim_pipeline.defs.webhooks.quarantine import quarantine_webhook_events
 from scim_pipeline.defs.webhooks.sensor import webhook_events_sensor
 from scim_pipeline.defs.resources import ApplicationResource, ScalekitResource, WarehouseResource
 from scim_pipeline.defs.run_reaper import dead_run_reaper
@@ -21,7 +22,7 @@ warehouse_pool.install()
 defs = dg.Definitions(
     assets=[scalekit_catalog, directory_snapshot, provisioning, delivered_state],
     asset_checks=CHECKS,
-    jobs=[directory_catalog_job, directory_sync_job, directory_events_job, deliver_changes],
+    jobs=[directory_catalog_job, directory_sync_job, directory_events_job, deliver_changes, quarantine_webhook_events],
     sensors=[discover_organizations, webhook_events_sensor, delivery_sensor, dead_run_reaper],
     schedules=[reconciliation_schedule],
     resources={

@@ -7,6 +7,7 @@ def home(tmp_path, monkeypatch):
     for var in (
         "SCALEKIT_ENVIRONMENT_URL", "SCALEKIT_CLIENT_ID", "SCALEKIT_CLIENT_SECRET", "SCALEKIT_WEBHOOK_SECRET",
         "SCIM_PIPELINE_APP_URL", "SCIM_PIPELINE_APP_SECRET", "SCIM_PIPELINE_ROLE_MAPPINGS",
+        "SCIM_PIPELINE_EVENTS_RETRY_S",
     ):
         monkeypatch.delenv(var, raising=False)
     path = tmp_path / "home"

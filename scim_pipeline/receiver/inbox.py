@@ -13,6 +13,11 @@ reused (AUTOINCREMENT), so a reader's cursor is just the last seq it handed on; 
 
 Retention: rows are pruned 72 h after receipt, longer than Scalekit's retry span, so a redelivered ``webhook-id``
 is still recognised as a duplicate.
+
+Applied marks: the runs that apply events record, once their warehouse transaction is committed, the seq up to
+which each organization's events are applied (table ``applied``; the warehouse keeps the authoritative copy). The
+webhook sensor compares them with the events, here, without opening the warehouse: an organization whose events
+stay unapplied after its run failed is asked for again.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from scim_pipeline.lib.clock import utc_iso, utcnow
 
@@ -53,7 +58,15 @@ CREATE TABLE IF NOT EXISTS events (
     body            TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_received_at ON events (received_at);
+CREATE INDEX IF NOT EXISTS events_organization ON events (organization_id, seq);
+""" + """
+CREATE TABLE IF NOT EXISTS applied (
+    route      TEXT PRIMARY KEY,  -- an organization id, or the name of a run that applies other events
+    seq        INTEGER NOT NULL,  -- its events up to this seq are applied (or recorded invalid)
+    applied_at TEXT NOT NULL
+);
 """
+_APPLIED_SCHEMA = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS applied"):]
 _COLUMNS = "seq, webhook_id, event_id, type, organization_id, occurred_at, received_at, body"
 _INSERT = (
     "INSERT INTO events (webhook_id, event_id, type, organization_id, occurred_at, received_at, body)"
@@ -319,6 +332,94 @@ class Inbox:
         """Up to ``limit`` events with a seq greater than ``seq``, in seq order."""
         rows = self._query(f"SELECT {_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))
         return [InboxEvent(*row) for row in rows]
+
+    def read_range(self, after: int, up_to: int = 0, page: int = 1000) -> Iterator[InboxEvent]:
+        """Every event with ``after < seq <= up_to`` (``up_to`` 0: to the end), in seq order, read a page at a time."""
+        seq = after
+        while not up_to or seq < up_to:
+            events = self.read_after(seq, limit=page)
+            for event in events:
+                if up_to and event.seq > up_to:
+                    return
+                yield event
+            if len(events) < page:
+                return
+            seq = events[-1].seq
+
+    def read_organization(self, organization_id: str | None, after: int, up_to: int = 0,
+                          page: int = 1000) -> Iterator[InboxEvent]:
+        """The events of one ``organization_id`` value (None: events without one) with ``after < seq <= up_to``
+        (``up_to`` 0: to the end), in seq order, through the index on the organization."""
+        seq, end = after, up_to or self.last_seq()
+        while seq < end:
+            rows = self._query(
+                f"SELECT {_COLUMNS} FROM events WHERE organization_id IS ? AND seq > ? AND seq <= ?"
+                " ORDER BY seq LIMIT ?", (organization_id, seq, end, page))
+            yield from (InboxEvent(*row) for row in rows)
+            if len(rows) < page:
+                return
+            seq = rows[-1][0]
+
+    def organizations(self) -> list[str | None]:
+        """Every ``organization_id`` value among the events, None first if some have none. One index probe per
+        value (a skip scan), not a pass over the events."""
+        found = [row[0] for row in self._query(
+            """
+            WITH RECURSIVE orgs(org) AS (
+                SELECT min(organization_id) FROM events
+                UNION ALL
+                SELECT (SELECT min(organization_id) FROM events WHERE organization_id > org) FROM orgs
+                WHERE org IS NOT NULL
+            )
+            SELECT org FROM orgs WHERE org IS NOT NULL
+            """)]
+        if self._query("SELECT 1 FROM events WHERE organization_id IS NULL LIMIT 1"):
+            found.insert(0, None)
+        return found
+
+    def first_unapplied(self, after: Mapping[str | None, int], up_to: int) -> dict[str | None, tuple[int, str]]:
+        """For each ``organization_id`` value of ``after``: its first event with ``after[value] < seq <= up_to``, as
+        (seq, received_at); values with none are left out."""
+        conn = self._reader()
+        if conn is None:
+            return {}
+        found = {}
+        with closing(conn):
+            for org, seq in after.items():
+                try:
+                    row = conn.execute(
+                        "SELECT seq, received_at FROM events WHERE organization_id IS ? AND seq > ? AND seq <= ?"
+                        " ORDER BY seq LIMIT 1", (org, seq, up_to)).fetchone()
+                except sqlite3.OperationalError as exc:
+                    if "no such table" in str(exc):
+                        return {}
+                    raise
+                if row:
+                    found[org] = (row[0], row[1])
+        return found
+
+    def applied_marks(self) -> dict[str, int]:
+        """The applied marks: route (an organization id, or the name of another applier) -> seq."""
+        return {route: seq for route, seq in self._query("SELECT route, seq FROM applied")}
+
+    def mark_applied(self, marks: Mapping[str, int]) -> None:
+        """Record that each route's events up to its seq are applied; a mark never moves back. Nothing happens
+        without an inbox file (there are no events to mark)."""
+        if not marks or not self.path.exists():
+            return
+        # Its own short connection: the appliers run in other processes than the receiver's writer thread.
+        with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as conn:
+            conn.executescript(_APPLIED_SCHEMA)
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(
+                    "INSERT INTO applied (route, seq, applied_at) VALUES (?, ?, ?)"
+                    " ON CONFLICT (route) DO UPDATE SET seq = max(seq, excluded.seq), applied_at = excluded.applied_at",
+                    [(route, seq, utc_iso()) for route, seq in marks.items()])
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
 
     def last_seq(self) -> int:
         """The highest seq ever assigned (0 for an empty inbox), even if that row has since been pruned."""

@@ -17,6 +17,7 @@ from typing import BinaryIO
 
 import duckdb
 
+from scim_pipeline.scalekit import ids
 from scim_pipeline.scalekit.records import Page
 
 USER_COLUMNS = {
@@ -35,9 +36,10 @@ WRITE_BUFFER = 1 << 20  # bytes a spool file gathers before a write: about 700 u
 
 @dataclass
 class Spool:
-    """One organization's listing on disk: users.ndjson and groups.ndjson, written page by page."""
+    """One organization's listing on disk: ``root/<organization id>/`` holds users.ndjson and groups.ndjson,
+    written page by page."""
 
-    folder: Path
+    root: Path
     organization_id: str
     listed_at: datetime
     users: int = 0
@@ -48,12 +50,17 @@ class Spool:
 
     @classmethod
     def create(cls, root: Path, organization_id: str, listed_at: datetime) -> "Spool":
-        folder = root / organization_id
+        """An empty spool for the organization; a listing an earlier run left there is removed first."""
+        folder = _inside(root, ids.ORGANIZATION.check(organization_id))
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         (folder / "users.ndjson").touch()
         (folder / "groups.ndjson").touch()
-        return cls(folder, organization_id, listed_at)
+        return cls(root, organization_id, listed_at)
+
+    @property
+    def folder(self) -> Path:
+        return self.root / self.organization_id
 
     def _append(self, name: str, page: Page) -> int:
         if page.count:
@@ -75,12 +82,23 @@ class Spool:
         self.groups += self._append("groups.ndjson", page)
 
     def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        shutil.rmtree(_inside(self.root, self.organization_id), ignore_errors=True)
 
 
-def _read_json(path: Path, columns: dict[str, str]) -> str:
+def _inside(root: Path, name: str) -> Path:
+    """``root/name``, resolved, refused unless it is a folder directly inside ``root``: nothing under
+    SCIM_PIPELINE_HOME outside the spool is ever removed, whatever a name or a symbolic link says."""
+    root = root.resolve()
+    folder = (root / name).resolve()
+    if folder.parent != root:
+        raise ValueError(f"spool folder {ids.shown(name)} is not inside {root}")
+    return folder
+
+
+def _read_json(param: str, columns: dict[str, str]) -> str:
+    """``read_json`` of the file named by the query parameter ``param``: a path is never spliced into SQL."""
     cols = ", ".join(f"'{k}': '{v}'" for k, v in columns.items())
-    return f"read_json('{path}', format='newline_delimited', columns={{{cols}}})"
+    return f"read_json(${param}, format='newline_delimited', columns={{{cols}}})"
 
 
 # A row is the snapshot's to overwrite (or tombstone) unless a webhook event newer than the listing changed it.
@@ -105,8 +123,10 @@ def load_snapshot(con: duckdb.DuckDBPyConnection, spool: Spool, synced_at: datet
     spool.close()
     org = spool.organization_id
     listed_at = spool.listed_at
-    con.execute("CREATE OR REPLACE TEMP TABLE stage_users AS SELECT * FROM " + _read_json(spool.folder / "users.ndjson", USER_COLUMNS))
-    con.execute("CREATE OR REPLACE TEMP TABLE stage_groups AS SELECT * FROM " + _read_json(spool.folder / "groups.ndjson", GROUP_COLUMNS))
+    con.execute("CREATE OR REPLACE TEMP TABLE stage_users AS SELECT * FROM " + _read_json("path", USER_COLUMNS),
+                {"path": str(spool.folder / "users.ndjson")})
+    con.execute("CREATE OR REPLACE TEMP TABLE stage_groups AS SELECT * FROM " + _read_json("path", GROUP_COLUMNS),
+                {"path": str(spool.folder / "groups.ndjson")})
     users = _once_each(con, "stage_users", "user_id")
     groups = _once_each(con, "stage_groups", "group_id")
     fresh = FRESH
@@ -139,7 +159,7 @@ def load_snapshot(con: duckdb.DuckDBPyConnection, spool: Spool, synced_at: datet
             organization_id = s.organization_id, directory_id = s.directory_id, email = s.email,
             given_name = s.given_name, family_name = s.family_name, preferred_username = s.preferred_username,
             active = s.active, emails = s.emails, updated_at = s.updated_at, detail = s.detail, deleted_at = NULL,
-            synced_at = $synced_at, event_at = NULL
+            synced_at = $synced_at, event_at = NULL, event_nanos = NULL, event_seq = NULL
         FROM stage_users s
         WHERE t.user_id = s.user_id AND t.rowid BETWEEN $lo AND $hi AND {fresh}
         """,
@@ -174,7 +194,8 @@ def load_snapshot(con: duckdb.DuckDBPyConnection, spool: Spool, synced_at: datet
         f"""
         UPDATE directory_groups AS t SET
             organization_id = s.organization_id, directory_id = s.directory_id, display_name = s.display_name,
-            updated_at = s.updated_at, detail = s.detail, deleted_at = NULL, synced_at = $synced_at, event_at = NULL
+            updated_at = s.updated_at, detail = s.detail, deleted_at = NULL, synced_at = $synced_at, event_at = NULL,
+            event_nanos = NULL, event_seq = NULL
         FROM stage_groups s
         WHERE t.group_id = s.group_id AND {fresh}
         """,
@@ -245,7 +266,8 @@ def _tombstone_absent(con: duckdb.DuckDBPyConnection, table: str, key: str, stag
     newer than the listing changed them); returns how many."""
     return con.execute(
         f"""
-        UPDATE {table} AS t SET deleted_at = $synced_at, synced_at = $synced_at, event_at = $listed_at
+        UPDATE {table} AS t SET deleted_at = $synced_at, synced_at = $synced_at, event_at = $listed_at,
+            event_nanos = NULL, event_seq = NULL
         WHERE t.organization_id = $org AND t.deleted_at IS NULL
           AND {FRESH}
           AND t.{key} NOT IN (SELECT {key} FROM {stage})
@@ -271,19 +293,39 @@ def upsert_organizations(con: duckdb.DuckDBPyConnection, orgs: list[dict], synce
     con.execute("DROP TABLE stage_orgs")
 
 
-def upsert_directories(con: duckdb.DuckDBPyConnection, directories: list[dict], synced_at: datetime) -> None:
-    """Replace the directories of the organizations listed (a directory removed in Scalekit disappears)."""
+def upsert_directories(con: duckdb.DuckDBPyConnection, directories: list[dict], synced_at: datetime,
+                       listed_at: datetime) -> None:
+    """Replace the directories of the organizations listed (a directory removed in Scalekit disappears).
+
+    ``listed_at`` is when the listing began, the version of what it says: a directory enabled or disabled by a
+    webhook event at or after that time keeps the event's state (the listing may predate it), and an event older
+    than the listing is stale from now on."""
     orgs = sorted({d["organization_id"] for d in directories})
     if not orgs:
         return
-    ids = [d["directory_id"] for d in directories]
+    directory_ids = [d["directory_id"] for d in directories]
+    newer = {row[0]: row[1:] for row in con.execute(
+        """
+        SELECT directory_id, enabled, event_at, event_nanos, event_seq FROM directories
+        WHERE list_contains($ids, directory_id) AND event_at >= $listed_at
+        """,
+        {"ids": directory_ids, "listed_at": listed_at},
+    ).fetchall()}
     # A plain INSERT after deleting by organization and by id: INSERT OR REPLACE costs several times more a row.
     con.execute("DELETE FROM directories WHERE list_contains($orgs, organization_id) OR list_contains($ids, directory_id)",
-                {"orgs": orgs, "ids": ids})
-    rows = [
-        [d["directory_id"], d["organization_id"], d["name"], d["provider"], d["directory_type"], d["enabled"],
-         json.dumps(d["role_assignments"]), d["total_users"], d["total_groups"], synced_at]
-        for d in directories
-    ]
-    values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(rows))
-    con.execute(f"INSERT INTO directories VALUES {values}", [v for row in rows for v in row])
+                {"orgs": orgs, "ids": directory_ids})
+    rows = []
+    for d in directories:
+        enabled, event_at, event_nanos, event_seq = newer.get(d["directory_id"], (d["enabled"], listed_at, None, None))
+        rows.append([d["directory_id"], d["organization_id"], d["name"], d["provider"], d["directory_type"], enabled,
+                     json.dumps(d["role_assignments"]), d["total_users"], d["total_groups"], synced_at, event_at,
+                     event_nanos, event_seq])
+    values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(rows))
+    con.execute(
+        f"""
+        INSERT INTO directories (directory_id, organization_id, name, provider, directory_type, enabled,
+            role_assignments, total_users, total_groups, synced_at, event_at, event_nanos, event_seq)
+        VALUES {values}
+        """,
+        [v for row in rows for v in row],
+    )

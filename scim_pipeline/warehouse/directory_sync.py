@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from scim_pipeline.lib.clock import utcnow
+from scim_pipeline.scalekit import ids
 from scim_pipeline.scalekit.directory_api import DirectoryAPI, ScalekitError
 from scim_pipeline.warehouse.connection import transaction
 from scim_pipeline.warehouse.directory import SnapshotCounts, Spool, load_snapshot, upsert_directories
@@ -90,6 +91,11 @@ def sync_organizations(
     report = SyncReport()
     api.client  # authenticate once up front: bad credentials or an unreachable Scalekit fail here, clearly
     total = len(organization_ids)
+    # An id that is not an organization's (a partition added before ids were checked) names no spool folder.
+    for org in organization_ids:
+        if not ids.ORGANIZATION.matches(org):
+            report.failed[org] = f"not synced: {ids.shown(org)} is not a Scalekit organization id"
+    organization_ids = [org for org in organization_ids if org not in report.failed]
     listed: queue.Queue[Future] = queue.Queue()
     stop = threading.Event()
 
@@ -114,7 +120,7 @@ def sync_organizations(
             # One transaction per organization, committed before it is reported: an organization reported done
             # survives the process being killed, and one that fails half-way leaves its rows as they were.
             with transaction(con):
-                upsert_directories(con, spool.directories, utcnow())
+                upsert_directories(con, spool.directories, utcnow(), spool.listed_at)
                 counts = load_snapshot(con, spool, utcnow())
         finally:
             spool.remove()

@@ -1,92 +1,101 @@
 """Scalekit webhook events applied to the warehouse (the incremental path).
 
-Per entity only the newest event counts, and only if it is newer than what the warehouse already has: a row's
-version is the ``occurred_at`` of the last event applied to it, else the directory's own ``updated_at`` (or, for a
-tombstone learned from a snapshot, the listing's time). So duplicates, replays and reordering are harmless, and a
-late ``user_updated`` never brings back a deleted user. Every event gets a ``webhook_events`` row with its outcome.
+Per entity (user, group, directory) only the newest event counts, and only if it is newer than what the warehouse
+already has: a row's version is the ``occurred_at`` of the last event applied to it, else the directory's own
+``updated_at`` (or the time a listing began: a tombstone learned from a snapshot, a directory's catalogue entry).
+Times are compared to the nanosecond (Scalekit's precision; ``event_nanos`` holds what a TIMESTAMP cannot). At the
+same instant a delete wins, then the later arrival in the inbox (``event_seq``). So duplicates, replays and
+reordering are harmless, and a late ``user_updated`` never brings back a deleted user. Every event gets a
+``webhook_events`` row with its outcome.
+
+Each event stands alone: one that fails its checks (``webhook_envelope``), or names an entity of another
+organization, is recorded ``invalid`` with the reason, and its neighbours are applied all the same.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 
 import duckdb
 
-USER_EVENTS = {
-    "organization.directory.user_created", "organization.directory.user_updated", "organization.directory.user_deleted",
-}
-GROUP_EVENTS = {
-    "organization.directory.group_created", "organization.directory.group_updated",
-    "organization.directory.group_deleted",
-}
-DIRECTORY_EVENTS = {"organization.directory_enabled", "organization.directory_disabled"}
-KNOWN_EVENTS = USER_EVENTS | GROUP_EVENTS | DIRECTORY_EVENTS
+from scim_pipeline.warehouse.webhook_envelope import (
+    DIRECTORY_EVENTS,
+    GROUP_EVENTS,
+    KNOWN_EVENTS,
+    USER_EVENTS,
+    Event,
+    event_from_body,
+    event_from_inbox,
+    parse_time,
+)
+
+# Reading and checking one event lives in webhook_envelope; these names are this module's too.
+__all__ = ["Event", "apply_events", "applied_marks", "event_from_body", "event_from_inbox", "parse_time",
+           "record_applied"]
+
+QUARANTINE = "quarantine"  # the route of the events that name no organization (never an organization id)
 
 
-def parse_time(value: str | None) -> datetime | None:
-    """RFC 3339 (Scalekit sends up to nanoseconds and a Z) as a naive UTC datetime."""
-    if not value:
-        return None
-    text = value.strip().replace("Z", "+00:00")
-    main, _, rest = text.partition(".")
-    if rest:  # trim fractional seconds to microseconds, keep the offset
-        digits = "".join(ch for ch in rest if ch.isdigit())
-        offset = rest[len(digits):]
-        text = f"{main}.{digits[:6].ljust(6, '0')}{offset}"
-    parsed = datetime.fromisoformat(text)
-    if parsed.tzinfo is not None:
-        parsed = parsed.astimezone(timezone.utc).replace(tzinfo=None)
-    return parsed
+def applied_marks(con: duckdb.DuckDBPyConnection, routes: list[str]) -> dict[str, int]:
+    """How far each route's inbox events are applied (0 when nothing is yet)."""
+    found = dict(con.execute("SELECT route, applied_seq FROM webhook_progress WHERE list_contains($r, route)",
+                             {"r": routes}).fetchall())
+    return {route: found.get(route, 0) for route in routes}
 
 
-@dataclass
-class Event:
-    """One inbox entry as the applier needs it."""
+def record_applied(con: duckdb.DuckDBPyConnection, marks: dict[str, int], applied_at: datetime) -> None:
+    """Move each route's mark up to its seq (never back); in the transaction that applied the events."""
+    for route, seq in marks.items():
+        con.execute(
+            """
+            INSERT INTO webhook_progress VALUES ($route, $seq, $at)
+            ON CONFLICT (route) DO UPDATE SET applied_seq = greatest(applied_seq, excluded.applied_seq),
+                applied_at = excluded.applied_at
+            """,
+            {"route": route, "seq": seq, "at": applied_at},
+        )
 
-    webhook_id: str
-    event_id: str | None
-    type: str | None
-    organization_id: str | None
-    occurred_at: datetime | None
-    received_at: datetime | None
-    data: dict
-    seq: int
 
-
-def event_from_body(webhook_id: str, body: str | dict, seq: int, received_at: datetime | None) -> Event:
-    payload = json.loads(body) if isinstance(body, str) else body
-    return Event(
-        webhook_id=webhook_id,
-        event_id=payload.get("id"),
-        type=payload.get("type"),
-        organization_id=payload.get("organization_id"),
-        occurred_at=parse_time(payload.get("occurred_at")),
-        received_at=received_at,
-        data=payload.get("data") if isinstance(payload.get("data"), dict) else {},
-        seq=seq,
+def _record_invalid(con: duckdb.DuckDBPyConnection, events: list[Event], applied_at: datetime) -> int:
+    """Record invalid events (outcome ``invalid``, with the reason); returns how many were new."""
+    rows = [(e.event_id, e.webhook_id, e.type, e.organization_id, e.occurred_at, e.received_at, applied_at,
+             e.seq, e.reason) for e in events]
+    if not rows:
+        return 0
+    before = con.execute("SELECT count(*) FROM webhook_events").fetchone()[0]
+    con.executemany(
+        """
+        INSERT OR IGNORE INTO webhook_events (event_id, webhook_id, type, organization_id, occurred_at, received_at,
+            applied_at, outcome, inbox_seq, reason)
+        VALUES (?, ?, ?, ?, ?, ?, ?, 'invalid', ?, ?)
+        """,
+        rows,
     )
+    return con.execute("SELECT count(*) FROM webhook_events").fetchone()[0] - before
 
 
 def apply_events(con: duckdb.DuckDBPyConnection, events: list[Event], applied_at: datetime) -> dict[str, int]:
     """Apply events in one set-based pass; returns counts per outcome. Call inside a transaction."""
+    invalid = [e for e in events if e.reason is not None]
+    events = [e for e in events if e.reason is None]
     con.execute(
         """
         CREATE OR REPLACE TEMP TABLE stage_events (
             webhook_id VARCHAR, event_id VARCHAR, type VARCHAR, organization_id VARCHAR, occurred_at TIMESTAMP,
-            received_at TIMESTAMP, seq BIGINT, entity_id VARCHAR, data JSON)
+            nanos SMALLINT, is_delete BOOLEAN, received_at TIMESTAMP, seq BIGINT, entity_id VARCHAR, data JSON)
         """
     )
     rows = [
-        (e.webhook_id, e.event_id, e.type, e.organization_id, e.occurred_at, e.received_at, e.seq,
-         e.data.get("id"), json.dumps(e.data))
+        (e.webhook_id, e.event_id, e.type, e.organization_id, e.occurred_at, e.nanos, e.is_delete, e.received_at,
+         e.seq, e.entity_id, json.dumps(e.data))
         for e in events
     ]
     if rows:
-        con.executemany("INSERT INTO stage_events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        con.executemany("INSERT INTO stage_events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
-    # Outcomes first, from the state before applying: duplicate, ignored, invalid, stale, applied.
+    # Outcomes first, from the state before applying: duplicate, ignored, invalid, superseded, stale, applied.
+    users, groups = _sql_list(USER_EVENTS), _sql_list(GROUP_EVENTS)
     con.execute(
         f"""
         CREATE OR REPLACE TEMP TABLE event_outcomes AS
@@ -94,29 +103,47 @@ def apply_events(con: duckdb.DuckDBPyConnection, events: list[Event], applied_at
             SELECT s.*, row_number() OVER (PARTITION BY coalesce(s.event_id, s.webhook_id) ORDER BY s.seq) AS copy
             FROM stage_events s
             WHERE s.webhook_id NOT IN (SELECT webhook_id FROM webhook_events)
-              AND (s.event_id IS NULL OR s.event_id NOT IN (SELECT event_id FROM webhook_events WHERE event_id IS NOT NULL))
+              AND (s.event_id IS NULL OR s.event_id NOT IN (
+                   SELECT event_id FROM webhook_events WHERE event_id IS NOT NULL AND outcome <> 'invalid'))
+        ),
+        -- What the warehouse holds of each entity the events name (ids of users, groups and directories have
+        -- distinct prefixes, so one lookup serves all three): its organization and its version.
+        entities AS (
+            SELECT user_id AS id, organization_id AS owner, coalesce(event_at, updated_at) AS version_at,
+                   coalesce(event_nanos, 0) AS version_nanos, event_seq AS version_seq,
+                   deleted_at IS NOT NULL AS version_deleted
+            FROM directory_users WHERE user_id IN (SELECT entity_id FROM fresh)
+            UNION ALL
+            SELECT group_id, organization_id, coalesce(event_at, updated_at), coalesce(event_nanos, 0), event_seq,
+                   deleted_at IS NOT NULL
+            FROM directory_groups WHERE group_id IN (SELECT entity_id FROM fresh)
+            UNION ALL
+            SELECT directory_id, organization_id, event_at, coalesce(event_nanos, 0), event_seq, false
+            FROM directories WHERE directory_id IN (SELECT entity_id FROM fresh)
         ),
         ranked AS (
-            SELECT f.*, row_number() OVER (PARTITION BY f.type IN ({_sql_list(USER_EVENTS)}),
-                       f.type IN ({_sql_list(GROUP_EVENTS)}), f.entity_id ORDER BY f.occurred_at DESC, f.seq DESC) AS rank
-            FROM fresh f WHERE f.copy = 1
-        ),
-        versioned AS (
-            SELECT r.*,
-                   CASE WHEN r.type IN ({_sql_list(USER_EVENTS)}) THEN (SELECT coalesce(u.event_at, u.updated_at)
-                            FROM directory_users u WHERE u.user_id = r.entity_id)
-                        WHEN r.type IN ({_sql_list(GROUP_EVENTS)}) THEN (SELECT coalesce(g.event_at, g.updated_at)
-                            FROM directory_groups g WHERE g.group_id = r.entity_id)
-                   END AS version
-            FROM ranked r
+            SELECT f.*, x.version_at, x.version_nanos, x.version_seq, x.version_deleted,
+                   -- another organization's event never changes an entity
+                   coalesce(x.owner <> f.organization_id, false) AS foreign_entity,
+                   row_number() OVER (PARTITION BY f.type IN ({users}), f.type IN ({groups}), f.entity_id,
+                                      foreign_entity
+                                      ORDER BY f.occurred_at DESC, f.nanos DESC, f.is_delete DESC, f.seq DESC) AS rank
+            FROM fresh f LEFT JOIN entities x ON x.id = f.entity_id
+            WHERE f.copy = 1
         )
-        SELECT webhook_id, event_id, type, organization_id, occurred_at, received_at, seq, entity_id, data,
-               CASE WHEN type IS NULL OR type NOT IN ({_sql_list(KNOWN_EVENTS)}) THEN 'ignored'
-                    WHEN entity_id IS NULL OR occurred_at IS NULL OR organization_id IS NULL THEN 'invalid'
+        SELECT webhook_id, event_id, type, organization_id, occurred_at, received_at, seq, entity_id, data, nanos,
+               CASE WHEN type NOT IN ({_sql_list(KNOWN_EVENTS)}) THEN 'ignored'
+                    WHEN foreign_entity THEN 'invalid'
                     WHEN rank > 1 THEN 'superseded'
-                    WHEN version IS NOT NULL AND occurred_at <= version THEN 'stale'
-                    ELSE 'applied' END AS outcome
-        FROM versioned
+                    WHEN version_at IS NULL OR (occurred_at, nanos) > (version_at, version_nanos) THEN 'applied'
+                    -- the same instant: a delete wins, then the later arrival (a listing's version has none)
+                    WHEN (occurred_at, nanos) = (version_at, version_nanos)
+                         AND ((is_delete AND NOT version_deleted)
+                              OR (is_delete = version_deleted AND seq > version_seq)) THEN 'applied'
+                    ELSE 'stale' END AS outcome,
+               CASE WHEN type IN ({_sql_list(KNOWN_EVENTS)}) AND foreign_entity
+                    THEN 'data.id: ' || entity_id || ' belongs to another organization' END AS reason
+        FROM ranked
         """
     )
     apply = "SELECT * FROM event_outcomes WHERE outcome = 'applied'"
@@ -125,20 +152,21 @@ def apply_events(con: duckdb.DuckDBPyConnection, events: list[Event], applied_at
     con.execute(
         f"""
         INSERT INTO directory_users AS t (user_id, organization_id, directory_id, email, given_name, family_name,
-            preferred_username, active, emails, updated_at, detail, deleted_at, synced_at, event_at)
+            preferred_username, active, emails, updated_at, detail, deleted_at, synced_at, event_at, event_nanos,
+            event_seq)
         SELECT e.entity_id, e.organization_id,
                coalesce(e.data ->> 'directory_id',
                         (SELECT min(directory_id) FROM directories d WHERE d.organization_id = e.organization_id)),
                e.data ->> 'email', e.data ->> 'given_name', e.data ->> 'family_name',
                e.data ->> 'preferred_username', coalesce((e.data ->> 'active')::BOOLEAN, true),
                coalesce(e.data -> 'emails', to_json([e.data ->> 'email'])), e.occurred_at, e.data, NULL, NULL,
-               e.occurred_at
+               e.occurred_at, e.nanos, e.seq
         FROM ({user_upserts}) e
         ON CONFLICT (user_id) DO UPDATE SET
             email = excluded.email, given_name = excluded.given_name, family_name = excluded.family_name,
             preferred_username = excluded.preferred_username, active = excluded.active, emails = excluded.emails,
             updated_at = excluded.updated_at, detail = excluded.detail, deleted_at = NULL,
-            event_at = excluded.event_at
+            event_at = excluded.event_at, event_nanos = excluded.event_nanos, event_seq = excluded.event_seq
         """
     )
     # A user event carries the user's groups: its raw memberships become exactly those.
@@ -153,40 +181,46 @@ def apply_events(con: duckdb.DuckDBPyConnection, events: list[Event], applied_at
     )
     con.execute(
         f"""
-        UPDATE directory_users AS t SET deleted_at = e.occurred_at, event_at = e.occurred_at
+        UPDATE directory_users AS t SET deleted_at = e.occurred_at, event_at = e.occurred_at, event_nanos = e.nanos,
+            event_seq = e.seq
         FROM ({apply} AND type = 'organization.directory.user_deleted') e WHERE t.user_id = e.entity_id
         """
     )
     con.execute(
         f"""
         INSERT INTO directory_groups AS t (group_id, organization_id, directory_id, display_name, updated_at, detail,
-            deleted_at, synced_at, event_at)
+            deleted_at, synced_at, event_at, event_nanos, event_seq)
         SELECT e.entity_id, e.organization_id, e.data ->> 'directory_id', e.data ->> 'display_name', e.occurred_at,
                e.data, CASE WHEN e.type = 'organization.directory.group_deleted' THEN e.occurred_at END, NULL,
-               e.occurred_at
+               e.occurred_at, e.nanos, e.seq
         FROM ({apply} AND type IN ({_sql_list(GROUP_EVENTS)})) e
         ON CONFLICT (group_id) DO UPDATE SET
             display_name = coalesce(excluded.display_name, t.display_name), updated_at = excluded.updated_at,
-            detail = excluded.detail, deleted_at = excluded.deleted_at, event_at = excluded.event_at
+            detail = excluded.detail, deleted_at = excluded.deleted_at, event_at = excluded.event_at,
+            event_nanos = excluded.event_nanos, event_seq = excluded.event_seq
         """
     )
     con.execute(
         f"""
-        UPDATE directories AS d SET enabled = (e.type = 'organization.directory_enabled')
+        UPDATE directories AS d SET enabled = (e.type = 'organization.directory_enabled'), event_at = e.occurred_at,
+            event_nanos = e.nanos, event_seq = e.seq
         FROM ({apply} AND type IN ({_sql_list(DIRECTORY_EVENTS)})) e WHERE d.directory_id = e.entity_id
         """
     )
     con.execute(
         """
         INSERT OR IGNORE INTO webhook_events (event_id, webhook_id, type, organization_id, occurred_at, received_at,
-            applied_at, outcome, inbox_seq)
-        SELECT event_id, webhook_id, type, organization_id, occurred_at, received_at, $applied_at, outcome, seq
+            applied_at, outcome, inbox_seq, reason)
+        SELECT event_id, webhook_id, type, organization_id, occurred_at, received_at, $applied_at, outcome, seq, reason
         FROM event_outcomes
         """,
         {"applied_at": applied_at},
     )
     counts = dict(con.execute("SELECT outcome, count(*) FROM event_outcomes GROUP BY ALL").fetchall())
     counts["duplicate"] = len(events) - sum(counts.values())
+    recorded = _record_invalid(con, invalid, applied_at)
+    counts["invalid"] = counts.get("invalid", 0) + recorded
+    counts["duplicate"] += len(invalid) - recorded
     con.execute("DROP TABLE event_outcomes")
     con.execute("DROP TABLE stage_events")
     return counts

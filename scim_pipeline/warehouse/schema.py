@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import duckdb
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the columns of ADDED_COLUMNS, the table webhook_progress
 
 TABLES: dict[str, str] = {
     "organizations": """
@@ -146,6 +146,13 @@ TABLES: dict[str, str] = {
         outcome VARCHAR,
         inbox_seq BIGINT
     """,
+    # How far each applier has applied the webhook inbox: an organization id (its incremental runs), or "quarantine"
+    # (events that name no organization). Its events up to applied_seq are applied or recorded in webhook_events.
+    "webhook_progress": """
+        route VARCHAR PRIMARY KEY,
+        applied_seq BIGINT NOT NULL,
+        applied_at TIMESTAMP
+    """,
     # Per-organization settings people change at run time (the guard's threshold, approvals).
     "organization_settings": """
         organization_id VARCHAR PRIMARY KEY,
@@ -153,6 +160,18 @@ TABLES: dict[str, str] = {
         approved_at TIMESTAMP,
         deprovision_min_users INTEGER
     """,
+}
+
+# Columns added after their table was first released, in order. They are appended to a new table's columns and
+# added to an existing file's table when the warehouse is opened for writing, so both have the same column order.
+ADDED_COLUMNS: dict[str, dict[str, str]] = {
+    # The version a webhook event (or a catalogue listing) gave the row, to the nanosecond: event_at holds the
+    # microseconds, event_nanos the nanoseconds beyond them, event_seq the event's inbox seq (ties: the later wins).
+    "directories": {"event_at": "TIMESTAMP", "event_nanos": "SMALLINT", "event_seq": "BIGINT"},
+    "directory_users": {"event_nanos": "SMALLINT", "event_seq": "BIGINT"},
+    "directory_groups": {"event_nanos": "SMALLINT", "event_seq": "BIGINT"},
+    # why an event was recorded ``invalid``
+    "webhook_events": {"reason": "VARCHAR"},
 }
 
 # The application's desired state: what the diff compares with delivered_* (docs/warehouse.md: current facts for live users).
@@ -175,6 +194,9 @@ VIEWS: dict[str, str] = {
 def create_all(con: duckdb.DuckDBPyConnection) -> None:
     """Create every table that does not exist yet, and (re)define the views (idempotent)."""
     for name, columns in TABLES.items():
-        con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns})")
+        added = ADDED_COLUMNS.get(name, {})
+        con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns}{''.join(f', {c} {t}' for c, t in added.items())})")
+        for column, type_ in added.items():
+            con.execute(f"ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {column} {type_}")
     for name, query in VIEWS.items():
         con.execute(f"CREATE OR REPLACE VIEW {name} AS {query}")

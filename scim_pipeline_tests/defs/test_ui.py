@@ -58,11 +58,11 @@ CHECKS = {
 }
 SENSORS = {  # sensor -> the jobs it launches
     "discover_organizations": {"directory_catalog", "directory_sync"},
-    "webhook_events_sensor": {"directory_events", "directory_sync"},
+    "webhook_events_sensor": {"directory_events", "directory_sync", "quarantine_webhook_events"},
     "delivery_sensor": {"deliver_changes"},
     "dead_run_reaper": set(),
 }
-JOBS = {"directory_catalog", "directory_sync", "directory_events", "deliver_changes"}
+JOBS = {"directory_catalog", "directory_sync", "directory_events", "deliver_changes", "quarantine_webhook_events"}
 
 # The variables the suite's `home` fixture clears, plus the schedule's cron override.
 ISOLATED_VARS = (

@@ -1,6 +1,7 @@
 """Sensors and schedules produce the right run requests (real sensor and schedule contexts)."""
 
 import datetime as dt
+import json
 
 import dagster as dg
 
@@ -111,3 +112,56 @@ def test_partition_ranges_cover_the_wanted_keys_in_contiguous_runs_of_bounded_si
     assert partition_ranges(keys, {"a", "b", "d", "e", "f", "g"}, 2) == [("a", "b"), ("d", "e"), ("f", "g")]
     assert partition_ranges(keys, {"c"}, 50) == [("c", "c")]
     assert partition_ranges(keys, set(), 50) == []
+
+
+def test_webhook_sensor_names_partitions_and_run_keys_only_with_organization_ids(home):
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(organizations_partitions.name, ["org_a"])
+    strange = ["org_a\nb", "org_...", "...", "../canary", "org_a/../../x", "org_" + "1" * 40, 12345, None, ["org_a"]]
+    with Inbox(settings().inbox_path) as inbox:
+        for i, org in enumerate([*strange, "org_a"]):
+            envelope = {"id": f"evt_{i}", "type": "organization.directory.user_updated",
+                        "occurred_at": "2026-11-28T00:00:00Z", "data": {"id": f"diruser_{i}"}}
+            if org is not None:
+                envelope["organization_id"] = org
+            inbox.put(f"msg_{i}", json.dumps(envelope))
+    with dg.build_sensor_context(instance=instance) as context:
+        result = webhook_events_sensor(context)
+    by_job = {r.job_name: r for r in result.run_requests}
+    assert [r.partition_key for r in result.run_requests if r.partition_key] == ["org_a"]
+    assert not result.dynamic_partitions_requests
+    assert all("\n" not in r.run_key and "/" not in r.run_key for r in result.run_requests)
+    # The events naming no organization are recorded as invalid by a run of their own.
+    assert set(by_job) == {"directory_events", "quarantine_webhook_events"}
+    assert result.cursor == str(len(strange) + 1)
+
+
+def test_webhook_sensor_asks_again_for_events_no_run_applied(home, monkeypatch):
+    from scim_pipeline.defs.webhooks.sensor import RETRY_VAR
+    from scim_pipeline.definitions import defs
+
+    monkeypatch.setenv(RETRY_VAR, "0")
+    with Inbox(settings().inbox_path) as inbox:
+        for i, org in enumerate(["org_a", "../x", "org_a"]):
+            inbox.put(f"msg_{i}", json.dumps({"id": f"evt_{i}", "organization_id": org}))
+    with dg.instance_for_test() as instance:  # entered: the quarantine job below loads the definitions on it
+        instance.add_dynamic_partitions(organizations_partitions.name, ["org_a"])
+
+        def tick(cursor):
+            with dg.build_sensor_context(instance=instance, cursor=cursor) as context:
+                return webhook_events_sensor(context)
+
+        first = tick(None)
+        assert sorted(r.run_key for r in first.run_requests) == ["events:org_a:3", "quarantine:3"]
+        # Neither run happened (or both failed): the next tick asks for both again, under new keys.
+        again = tick(first.cursor)
+        assert sorted((r.job_name, r.partition_key) for r in again.run_requests) == [
+            ("directory_events", "org_a"), ("quarantine_webhook_events", None)]
+        assert not {r.run_key for r in again.run_requests} & {r.run_key for r in first.run_requests}
+
+        quarantine = next(r for r in again.run_requests if r.job_name == "quarantine_webhook_events")
+        assert defs.resolve_job_def(quarantine.job_name).execute_in_process(
+            instance=instance, run_config=quarantine.run_config).success
+        assert [r.partition_key for r in tick(first.cursor).run_requests] == ["org_a"]
+        Inbox(settings().inbox_path).mark_applied({"org_a": 3})  # what org_a's run does once it has applied them
+        assert isinstance(tick(first.cursor), dg.SkipReason)

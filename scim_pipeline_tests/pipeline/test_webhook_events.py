@@ -2,6 +2,8 @@
 sensor's run requests executed here, then delivery. Duplicates, reordering and late replays end in the truth."""
 
 import json
+import subprocess
+import sys
 import time
 
 import dagster as dg
@@ -31,6 +33,15 @@ def wait_for_inbox(event_ids: set[str], timeout: float = 30) -> None:
             return
         time.sleep(0.1)
     raise AssertionError("the events did not all reach the inbox")
+
+
+def post_event(world, receiver, envelope: dict, webhook_id: str) -> None:
+    """A signed event, as Scalekit would send it, straight to the receiver."""
+    body = json.dumps(envelope).encode()
+    secret = world.emulator.env["SCALEKIT_WEBHOOK_SECRET"]
+    answer = httpx.post(f"{receiver.url}/webhooks/scalekit", content=body,
+                        headers={**signed_headers(secret, webhook_id, body), "content-type": "application/json"})
+    assert answer.status_code == 200, answer.text
 
 
 def apply_webhooks(cursor: str | None) -> str | None:
@@ -141,5 +152,140 @@ def test_a_disabled_directory_stops_delivery_until_it_is_enabled_again(world):
         wait_for_inbox({e for r in results for e in r["event_ids"]})
         apply_webhooks(cursor)
         assert not next(u for u in world.app_state()["users"] if u["user_id"] == leaver["id"])["active"]
+    finally:
+        receiver.stop()
+
+
+def test_an_event_naming_no_organization_touches_no_file_and_is_recorded_invalid(world):
+    receiver = start_receiver(world)
+    try:
+        run_sync(say=lambda _: None)
+        canaries = [world.home / "canary", world.home.parent / "canary"]
+        for canary in canaries:
+            canary.mkdir()
+            (canary / "keep").write_text("x")
+        org = world.emulator.state()["organizations"][0]
+        strange = ["../canary", "../../canary", f"{org['id']}\n", "...", f"{org['id']}/../../canary"]
+        for i, org_id in enumerate(strange):
+            post_event(world, receiver, {
+                "spec_version": "1", "id": f"evt_strange_{i}", "type": "organization.directory.user_created",
+                "occurred_at": "2026-11-28T00:00:00Z", "environment_id": "env_1", "organization_id": org_id,
+                "object": "DirectoryUser", "data": {"id": f"diruser_9{i}", "organization_id": org_id}},
+                f"msg_strange_{i}")
+        user = org["users"][0]
+        results = world.emulator.mutate([{"op": "update_user", "user_id": user["id"],
+                                          "changes": {"given_name": "Routed"}}])
+        wait_for_inbox({f"evt_strange_{i}" for i in range(len(strange))} | set(results[0]["event_ids"]))
+        apply_webhooks(None)
+
+        assert all((canary / "keep").exists() for canary in canaries)
+        rows = query("SELECT event_id, outcome, reason FROM webhook_events WHERE event_id LIKE 'evt_strange_%'")
+        assert len(rows) == len(strange)
+        assert set(rows.outcome) == {"invalid"}
+        assert all("organization" in reason for reason in rows.reason)
+        assert next(u for u in world.app_state()["users"] if u["user_id"] == user["id"])["given_name"] == "Routed"
+    finally:
+        receiver.stop()
+
+
+def test_a_malformed_event_never_keeps_the_next_one_of_its_organization_from_the_application(world):
+    receiver = start_receiver(world)
+    try:
+        run_sync(say=lambda _: None)
+        org = world.emulator.state()["organizations"][0]
+        first, second = sorted(org["users"], key=lambda u: u["id"])[:2]
+        base = {"spec_version": "1", "type": "organization.directory.user_updated", "environment_id": "env_1",
+                "organization_id": org["id"], "object": "DirectoryUser", "occurred_at": "2030-01-01T00:00:00Z",
+                "data": {"id": first["id"], "organization_id": org["id"], "given_name": "Broken"}}
+        malformed = {
+            "evt_bad_time": {**base, "occurred_at": 12345},
+            "evt_bad_data_id": {**base, "data": {**base["data"], "id": {"id": first["id"]}}},
+            "evt_bad_active": {**base, "data": {**base["data"], "active": "no"}},
+            "evt_bad_groups": {**base, "data": {**base["data"], "groups": [{"id": 7}]}},
+        }
+        for event_id, envelope in malformed.items():
+            post_event(world, receiver, {**envelope, "id": event_id}, f"msg_{event_id}")
+        results = world.emulator.mutate([{"op": "update_user", "user_id": second["id"],
+                                          "changes": {"family_name": "StillDelivered"}}])
+        wait_for_inbox(set(malformed) | set(results[0]["event_ids"]))
+        apply_webhooks(None)
+
+        delivered = next(u for u in world.app_state()["users"] if u["user_id"] == second["id"])
+        assert delivered["family_name"] == "StillDelivered"
+        rows = query("SELECT event_id, outcome, reason FROM webhook_events WHERE event_id LIKE 'evt_bad_%'")
+        assert dict(zip(rows.event_id, rows.outcome)) == {event_id: "invalid" for event_id in malformed}
+        reasons = dict(zip(rows.event_id, rows.reason))
+        assert reasons["evt_bad_time"].startswith("occurred_at") and reasons["evt_bad_data_id"].startswith("data.id")
+        untouched = query(f"SELECT given_name FROM directory_users WHERE user_id = '{first['id']}'")
+        assert untouched.given_name[0] != "Broken"
+        assert world.differences() == []
+    finally:
+        receiver.stop()
+
+
+def sensor_tick(instance, cursor):
+    with dg.build_sensor_context(instance=instance, cursor=cursor) as context:
+        return webhook_events_sensor(context)
+
+
+def requests_of(result) -> list:
+    return [] if isinstance(result, dg.SkipReason) else list(result.run_requests)
+
+
+def test_a_failed_incremental_run_is_asked_for_again_and_its_events_reach_the_application(world, monkeypatch):
+    monkeypatch.setenv("SCIM_PIPELINE_EVENTS_RETRY_S", "2")
+    receiver = start_receiver(world)
+    try:
+        run_sync(say=lambda _: None)
+        org = world.emulator.state()["organizations"][0]
+        leaver = next(u for u in org["users"] if u["active"])
+        results = world.emulator.mutate([{"op": "deactivate_user", "user_id": leaver["id"]}])
+        wait_for_inbox(set(results[0]["event_ids"]))
+        instance = dagster_instance()
+        job = defs.resolve_job_def("directory_events")
+
+        first = sensor_tick(instance, None)
+        (request,) = requests_of(first)
+        # Another process holds the warehouse past the run's lock timeout: the run fails, its events unapplied.
+        holder = subprocess.Popen(
+            [sys.executable, "-c", "import duckdb, sys; c = duckdb.connect(sys.argv[1]); print('held', flush=True);"
+             " sys.stdin.read()", str(settings().warehouse_path)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            failed = job.execute_in_process(
+                instance=instance, partition_key=request.partition_key, raise_on_error=False,
+                run_config={**request.run_config, "resources": {"warehouse": {"config": {"lock_timeout_s": 0.5}}}})
+            assert not failed.success
+        finally:
+            holder.stdin.close()
+            holder.wait()
+
+        # No new events and the failure is fresh: nothing yet.
+        assert requests_of(sensor_tick(instance, first.cursor)) == []
+        time.sleep(2.2)
+        # A run of the organization in flight (queued, say): still nothing, it will apply them.
+        queued = instance.create_run_for_job(job_def=job, run_config=request.run_config,
+                                             tags={"dagster/partition": org["id"]})
+        assert requests_of(sensor_tick(instance, first.cursor)) == []
+        instance.delete_run(queued.run_id)
+
+        (retry,) = requests_of(sensor_tick(instance, first.cursor))
+        assert retry.partition_key == org["id"] and retry.run_key != request.run_key
+        assert job.execute_in_process(instance=instance, partition_key=retry.partition_key,
+                                      run_config=retry.run_config).success
+        assert defs.resolve_job_def("deliver_changes").execute_in_process(instance=instance, run_config={
+            "ops": {"deliver": {"config": {"backoff_s": 0}}}}).success
+        assert not next(u for u in world.app_state()["users"] if u["user_id"] == leaver["id"])["active"]
+        assert world.differences() == []
+
+        # Applied: never asked for again; running it once more changes nothing.
+        time.sleep(2.2)
+        assert requests_of(sensor_tick(instance, first.cursor)) == []
+        again = job.execute_in_process(instance=instance, partition_key=retry.partition_key,
+                                       run_config=retry.run_config)
+        snapshot = again.asset_materializations_for_node("directory_snapshot")[0].metadata
+        assert snapshot["events"].value == 0
+        assert query("SELECT count(*) AS n FROM webhook_events").n[0] == len(results[0]["event_ids"])
     finally:
         receiver.stop()

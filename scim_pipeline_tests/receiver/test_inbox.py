@@ -166,3 +166,29 @@ def test_file_is_in_wal_mode(home):
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # persistent in the file
     finally:
         conn.close()
+
+
+def test_applied_marks_and_the_events_not_yet_applied_per_organization(home):
+    path = home / "inbox.sqlite"
+    reader = Inbox(path)
+    reader.mark_applied({"org_a": 1})  # no inbox yet: nothing to mark, nothing created
+    assert not path.exists() and reader.applied_marks() == {} and reader.organizations() == []
+    with Inbox(path) as inbox:
+        for i, org in enumerate(["org_a", "org_b", "org_a", None, "org_b", "org_a"], 1):
+            inbox.put(f"msg_{i}", json.dumps({"organization_id": org}) if org else "{}",
+                      received_at=f"2026-11-28T00:00:0{i}.000+00:00")
+    assert reader.organizations() == [None, "org_a", "org_b"]
+    assert [e.seq for e in reader.read_organization("org_a", 1, 6)] == [3, 6]
+    assert [e.seq for e in reader.read_organization("org_a", 0, 5)] == [1, 3]
+    assert [e.seq for e in reader.read_organization(None, 0, 0)] == [4]
+
+    reader.mark_applied({"org_a": 3, "quarantine": 4})
+    reader.mark_applied({"org_a": 1})  # an older mark never moves one back
+    assert reader.applied_marks() == {"org_a": 3, "quarantine": 4}
+    first = reader.first_unapplied({"org_a": 3, "org_b": 0, None: 4}, up_to=5)
+    assert first == {"org_b": (2, "2026-11-28T00:00:02.000+00:00")}  # org_a's seq 6 is past up_to
+    assert reader.first_unapplied({"org_a": 3}, up_to=6) == {"org_a": (6, "2026-11-28T00:00:06.000+00:00")}
+    # The receiver's writer keeps working beside the marks (another connection, another process in production).
+    with Inbox(path) as inbox:
+        assert inbox.put("msg_7", "{}").seq == 7
+    assert reader.applied_marks() == {"org_a": 3, "quarantine": 4}

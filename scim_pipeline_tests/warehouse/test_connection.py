@@ -101,3 +101,49 @@ def test_a_waiting_writer_sleeps_says_which_process_holds_the_lock_and_gives_up(
     finally:
         holder.kill()
         holder.wait()
+
+
+# The first release's tables whose columns have grown since, as a warehouse file of that release has them.
+FIRST_RELEASE = {
+    "directories": """directory_id VARCHAR PRIMARY KEY, organization_id VARCHAR NOT NULL, name VARCHAR,
+        provider VARCHAR, directory_type VARCHAR, enabled BOOLEAN, role_assignments JSON, total_users INTEGER,
+        total_groups INTEGER, synced_at TIMESTAMP""",
+    "directory_users": """user_id VARCHAR PRIMARY KEY, organization_id VARCHAR NOT NULL, directory_id VARCHAR,
+        email VARCHAR, given_name VARCHAR, family_name VARCHAR, preferred_username VARCHAR, active BOOLEAN,
+        emails JSON, updated_at TIMESTAMP, detail JSON, deleted_at TIMESTAMP, synced_at TIMESTAMP,
+        event_at TIMESTAMP""",
+    "directory_groups": """group_id VARCHAR PRIMARY KEY, organization_id VARCHAR NOT NULL, directory_id VARCHAR,
+        display_name VARCHAR, updated_at TIMESTAMP, detail JSON, deleted_at TIMESTAMP, synced_at TIMESTAMP,
+        event_at TIMESTAMP""",
+    "webhook_events": """event_id VARCHAR, webhook_id VARCHAR PRIMARY KEY, type VARCHAR, organization_id VARCHAR,
+        occurred_at TIMESTAMP, received_at TIMESTAMP, applied_at TIMESTAMP, outcome VARCHAR, inbox_seq BIGINT""",
+}
+
+
+def test_a_warehouse_of_the_first_release_is_upgraded_in_place(tmp_path):
+    from scim_pipeline.warehouse.schema import ADDED_COLUMNS
+
+    path = tmp_path / "w.duckdb"
+    with duckdb.connect(str(path)) as con:
+        for name, columns in FIRST_RELEASE.items():
+            con.execute(f"CREATE TABLE {name} ({columns})")
+        con.execute("INSERT INTO webhook_events (webhook_id, outcome, inbox_seq) VALUES ('msg_1', 'applied', 7)")
+        con.execute("INSERT INTO directory_users (user_id, organization_id, event_at)"
+                    " VALUES ('diruser_1', 'org_1', '2026-01-01 00:00:00.000001')")
+    assert set(FIRST_RELEASE) == set(ADDED_COLUMNS)
+    for _ in range(2):  # and again: upgrading is idempotent
+        with Warehouse(path).write():
+            pass
+        with Warehouse(path).read() as con:
+            for name, added in ADDED_COLUMNS.items():
+                columns = [r[0] for r in con.execute(f"DESCRIBE {name}").fetchall()]
+                assert columns[-len(added):] == list(added), name
+            assert con.execute("SELECT webhook_id, outcome, inbox_seq, reason FROM webhook_events").fetchall() == [
+                ("msg_1", "applied", 7, None)]
+            assert con.execute("SELECT user_id, event_nanos, event_seq FROM directory_users").fetchall() == [
+                ("diruser_1", None, None)]
+            assert con.execute("SELECT count(*) FROM webhook_progress").fetchone() == (0,)  # a new table
+    # A new file has the same columns in the same order.
+    with Warehouse(tmp_path / "new.duckdb").read() as new, Warehouse(path).read() as old:
+        for name in ADDED_COLUMNS:
+            assert new.execute(f"DESCRIBE {name}").fetchall() == old.execute(f"DESCRIBE {name}").fetchall()

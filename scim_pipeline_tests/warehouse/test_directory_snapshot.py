@@ -54,3 +54,38 @@ def test_a_user_listed_twice_is_loaded_once_as_most_recently_updated(tmp_path):
     with wh.read() as con:
         assert con.execute("SELECT user_id, email FROM directory_users ORDER BY 1").fetchall() == [
             ("diruser_1", "new@x.io"), ("diruser_2", "u2@x.io")]
+
+
+def test_a_spool_is_made_only_for_an_organization_id_and_only_inside_its_root(tmp_path):
+    import pytest
+
+    from scim_pipeline.scalekit.ids import InvalidId
+
+    root = tmp_path / "home" / "spool"
+    canaries = [tmp_path / "home" / "canary", tmp_path / "canary"]
+    for canary in canaries:
+        canary.mkdir(parents=True)
+        (canary / "keep").write_text("x")
+    for org in ("../canary", "../../canary", "org_1/../../canary", "..", "", "org_1\n"):
+        with pytest.raises(InvalidId):
+            Spool.create(root, org, datetime(2026, 1, 1))
+    # A folder of the spool that is a link elsewhere is neither emptied nor removed.
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "org_2").symlink_to(canaries[1], target_is_directory=True)
+    with pytest.raises(ValueError):
+        Spool.create(root, "org_2", datetime(2026, 1, 1))
+    with pytest.raises(ValueError):
+        Spool(root, "org_2", datetime(2026, 1, 1)).remove()
+    Spool.create(root, "org_1", datetime(2026, 1, 1)).remove()
+    assert not (root / "org_1").exists()
+    assert all((canary / "keep").exists() for canary in canaries)
+
+
+def test_a_spool_under_a_path_with_quotes_loads(tmp_path):
+    wh = Warehouse(tmp_path / "w.duckdb")
+    root = tmp_path / "it's \"home\"; SELECT 1; --" / "spool"
+    spool = Spool.create(root, "org_1", datetime(2026, 1, 3))
+    spool.add_users(Page.of([user(1, [])]))
+    with wh.write() as con:
+        counts = load_snapshot(con, spool, datetime(2026, 1, 3))
+    assert (counts.users, counts.users_new) == (1, 1)

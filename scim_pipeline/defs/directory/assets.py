@@ -7,12 +7,14 @@ concurrently. The same step also runs in ``events`` mode, where it applies the w
 instead of re-reading the directory: both modes end in the same derived assets.
 """
 
+import sqlite3
 
 import dagster as dg
 
 from scim_pipeline.config import settings
 from scim_pipeline.defs.metadata import count, preview
 from scim_pipeline.defs.partitions import WAREHOUSE_POOL, organizations_partitions
+from scim_pipeline.scalekit import ids
 from scim_pipeline.scalekit.directory_api import ScalekitError
 from scim_pipeline.lib.clock import utcnow
 from scim_pipeline.warehouse.directory_sync import sync_organizations
@@ -20,7 +22,7 @@ from scim_pipeline.receiver.inbox import Inbox
 from scim_pipeline.defs.resources import ScalekitResource
 from scim_pipeline.warehouse.connection import Warehouse
 from scim_pipeline.warehouse.directory import upsert_directories, upsert_organizations
-from scim_pipeline.warehouse.events import apply_events, event_from_body, parse_time
+from scim_pipeline.warehouse.events import apply_events, applied_marks, event_from_inbox, record_applied
 
 
 @dg.multi_asset(
@@ -35,15 +37,17 @@ from scim_pipeline.warehouse.events import apply_events, event_from_body, parse_
 def scalekit_catalog(context: dg.AssetExecutionContext, scalekit: ScalekitResource,
                      warehouse: dg.ResourceParam[Warehouse]):
     api = scalekit.api()
+    listed_at = utcnow()  # what the listing says is as of when it began: an event after that is newer
     try:
-        orgs = list(api.organizations())
-        directories = [d for org in orgs for d in api.directories(org["organization_id"])]
+        orgs = [org for org in api.organizations() if _valid(context, ids.ORGANIZATION, org["organization_id"])]
+        directories = [d for org in orgs for d in api.directories(org["organization_id"])
+                       if _valid(context, ids.DIRECTORY, d["directory_id"])]
     except ScalekitError as exc:
         raise dg.Failure(description=str(exc)) from exc
     now = utcnow()
     with warehouse.write() as con:
         upsert_organizations(con, orgs, now)
-        upsert_directories(con, directories, now)
+        upsert_directories(con, directories, now, listed_at)
         org_preview = preview(con, "SELECT organization_id, display_name, external_id FROM organizations ORDER BY 1")
         dir_preview = preview(con, "SELECT directory_id, organization_id, provider, enabled, total_users FROM directories ORDER BY 2")
     context.log.info(f"{len(orgs)} organizations, {len(directories)} directories")
@@ -57,10 +61,19 @@ def scalekit_catalog(context: dg.AssetExecutionContext, scalekit: ScalekitResour
     })
 
 
+def _valid(context, kind: ids.IdKind, value) -> bool:
+    """Whether Scalekit's id has its kind's shape; one that has not is left out, with a warning."""
+    if kind.matches(value):
+        return True
+    context.log.warning(f"left out: {ids.shown(value)} is not a Scalekit {kind.name} id")
+    return False
+
+
 class DirectorySnapshotConfig(dg.Config):
     mode: str = "full"  # "full": re-read the directory from Scalekit; "events": apply the inbox's webhook events
     up_to_seq: int = 0  # events mode: apply this organization's inbox events up to this sequence number (0: all)
-    after_seq: int = 0  # events mode: start reading the inbox after this sequence number
+    # events mode: how far the sensor saw the events applied, for the record; the run starts from the warehouse's mark
+    after_seq: int = 0
     workers: int = 8  # full mode: organizations listed at once
 
 
@@ -84,7 +97,7 @@ def directory_snapshot(
     orgs = list(context.partition_keys)
     metadata: dict = {"organizations": len(orgs), "mode": config.mode}
     if config.mode == "events":
-        metadata.update(apply_inbox_events(context, warehouse, orgs, config.after_seq, config.up_to_seq))
+        metadata.update(apply_inbox_events(context, warehouse, orgs, config.up_to_seq))
     elif config.mode == "full":
         try:
             report = sync_organizations(
@@ -95,7 +108,7 @@ def directory_snapshot(
         for org, why in report.skipped.items():
             context.log.warning(why)
         for org, error in report.failed.items():
-            context.log.error(f"{org}: {error}")
+            context.log.error(f"{ids.shown(org)}: {error}")
         metadata.update({
             "users_new": report.total("users_new"), "users_changed": report.total("users_changed"),
             "users_deleted": report.total("users_deleted"), "groups_new": report.total("groups_new"),
@@ -124,27 +137,34 @@ def directory_snapshot(
     })
 
 
-def apply_inbox_events(context, warehouse, orgs: list[str], after_seq: int, up_to_seq: int) -> dict:
-    """Apply the inbox's events for these organizations in (after_seq, up_to_seq] in one transaction."""
+def apply_inbox_events(context, warehouse: Warehouse, orgs: list[str], up_to_seq: int) -> dict:
+    """Apply every inbox event of these organizations up to ``up_to_seq`` (0: all) that the warehouse has not
+    applied yet, in one transaction, and move their applied marks to it.
+
+    The warehouse's own mark says where to start, not the sensor: a run that failed moved nothing, so the next one
+    applies its events too, and an event applied twice is recorded once and changes nothing."""
+    for org in orgs:  # a partition added before ids were checked names nothing here
+        try:
+            ids.ORGANIZATION.check(org)
+        except ids.InvalidId as exc:
+            raise dg.Failure(description=f"partition {exc}") from exc
     inbox = Inbox(settings().inbox_path)
-    wanted = set(orgs)
-    events, seq = [], after_seq
-    while True:
-        page = inbox.read_after(seq, limit=1000)
-        if not page:
-            break
-        for item in page:
-            if up_to_seq and item.seq > up_to_seq:
-                break
-            if item.organization_id in wanted:
-                try:
-                    events.append(event_from_body(item.webhook_id, item.body, item.seq, parse_time(item.received_at)))
-                except ValueError as exc:  # undecodable body: recorded as invalid, never blocks the others
-                    context.log.warning(f"inbox event {item.seq} is malformed: {exc}")
-        seq = page[-1].seq
-        if up_to_seq and seq >= up_to_seq:
-            break
+    end = up_to_seq or inbox.last_seq()
     with warehouse.write() as con:
+        start = applied_marks(con, orgs)
+        events = [event_from_inbox(item) for org in orgs for item in inbox.read_organization(org, start[org], end)]
         outcomes = apply_events(con, events, utcnow())
-    context.log.info(f"applied webhook events for {len(orgs)} organization(s): {outcomes}")
+        marks = {org: max(start[org], end) for org in orgs}
+        record_applied(con, marks, utcnow())
+    publish_marks(context, inbox, marks)
+    context.log.info(f"applied webhook events for {len(orgs)} organization(s) up to seq {end}: {outcomes}")
     return {f"events_{k}": v for k, v in outcomes.items()} | {"events": len(events)}
+
+
+def publish_marks(context, inbox: Inbox, marks: dict[str, int]) -> None:
+    """Tell the webhook sensor (through the inbox file) how far events are applied, once the warehouse has them.
+    If this fails, the warehouse's marks still hold: the sensor asks again and that run finds nothing to apply."""
+    try:
+        inbox.mark_applied(marks)
+    except sqlite3.Error as exc:
+        context.log.warning(f"could not record the applied marks in the inbox ({exc}); the sensor will ask again")

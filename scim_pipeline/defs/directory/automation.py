@@ -10,6 +10,7 @@ import dagster as dg
 from scim_pipeline.config import ConfigError
 from scim_pipeline.defs.jobs import directory_catalog_job, directory_sync_job
 from scim_pipeline.defs.partitions import organizations_partitions
+from scim_pipeline.scalekit import ids
 from scim_pipeline.scalekit.directory_api import ScalekitError
 from scim_pipeline.defs.resources import ScalekitResource
 
@@ -69,6 +70,9 @@ def discover_organizations(context: dg.SensorEvaluationContext, scalekit: Scalek
         api = scalekit.api()
         catalogue = []
         for org in api.organizations():
+            if not ids.ORGANIZATION.matches(org["organization_id"]):  # it would name a partition and a run key
+                context.log.warning(f"skipped: {ids.shown(org['organization_id'])} is not an organization id")
+                continue
             dirs = api.directories(org["organization_id"])
             catalogue.append((org["organization_id"], org["display_name"],
                               sorted((d["directory_id"], d["enabled"]) for d in dirs)))
