@@ -211,7 +211,7 @@ def create_all(con: duckdb.DuckDBPyConnection) -> None:
     for version in sorted(UPGRADES):
         for statement in UPGRADES[version]:
             con.execute(statement)
-    if con.execute("SELECT max(version) FROM schema_version").fetchone()[0] != SCHEMA_VERSION:
+    if con.execute("SELECT max(version) FROM schema_version").fetchall()[0][0] != SCHEMA_VERSION:
         con.execute("DELETE FROM schema_version")
         con.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
     for name, query in VIEWS.items():
