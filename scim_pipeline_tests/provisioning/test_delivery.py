@@ -166,3 +166,49 @@ def test_a_delivery_that_finishes_releases_its_lease(warehouse, outbox):
         deliver_ready(warehouse, c, [ORG], outbox, now=lambda: at(0), progress=lambda _: None, lease=lease)
     assert outbox.next_ready_at() is None
 
+
+def test_retry_revives_dead_changes_now_and_the_checks_show_what_waits(home, capsys):
+    from scim_pipeline.cli import main
+    from scim_pipeline.config import settings
+    from scim_pipeline.defs.checks import dead_changes, held_changes
+    from scim_pipeline.lib.clock import utcnow
+    from scim_pipeline.provisioning.ledger import record_failure
+
+    warehouse = Warehouse(settings().warehouse_path)
+    users(warehouse, "u1")
+    with warehouse.write() as con:
+        add_user(con, "v1", org="org_b")
+        derive(con, "org_b")
+        compute_change_sets(con, "org_b", T0)
+        ids = [r[0] for r in con.execute("SELECT change_id FROM change_sets").fetchall()]
+        record_failure(con, ids, "HTTP 503: down for maintenance", at(3), max_attempts=1)
+        con.execute("INSERT INTO directories (directory_id, organization_id, enabled) VALUES ('dir_2', 'org_c', false)")
+        add_user(con, "w1", org="org_c")
+        con.execute("UPDATE directory_users SET directory_id = 'dir_2' WHERE user_id = 'w1'")
+        derive(con, "org_c")
+        compute_change_sets(con, "org_c", T0)
+
+    dead = dead_changes(warehouse=warehouse)
+    assert not dead.passed and dead.metadata["failing"].value == 4
+    example = dead.metadata["examples"].data[0]
+    assert "HTTP 503: down for maintenance" in example and "1" in example and str(at(3)) in example
+    held = held_changes(warehouse=warehouse)
+    assert held.metadata["examples"].data == [["org_c", "directory disabled", "2", str(T0)]]
+    capsys.readouterr()
+    assert main(["changes", "--org", "org_c"]) == 0
+    assert capsys.readouterr().out.count("directory disabled") == 2  # the column says why each is held
+
+    outbox = OutboxIndex(settings().outbox_index_path)
+    assert main(["retry", "--org", "org_a"]) == 0
+    assert "revived 2 dead change(s)" in capsys.readouterr().out
+    assert outbox.due(utcnow()) == ["org_a"]
+    with warehouse.read() as con:
+        assert dict(con.execute("SELECT organization_id, any_value(status) FROM change_sets "
+                                "WHERE organization_id <> 'org_c' GROUP BY 1").fetchall()) == {
+            "org_a": "pending", "org_b": "dead"}
+    assert main(["retry", "--all"]) == 0
+    out = capsys.readouterr().out
+    assert "org_b: 2 dead change(s) tried again" in out and "revived 2 dead change(s)" in out
+    assert main(["changes", "--status", "dead"]) == 0
+    assert capsys.readouterr().out.strip() == "(no rows)"
+    assert dead_changes(warehouse=warehouse).passed
