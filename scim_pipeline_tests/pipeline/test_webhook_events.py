@@ -6,6 +6,7 @@ import time
 
 import dagster as dg
 import httpx
+import pytest
 
 from scim_pipeline.devstack import services
 from scim_pipeline.commands import query, run_sync
@@ -133,13 +134,44 @@ def test_a_disabled_directory_stops_delivery_until_it_is_enabled_again(world):
         ])
         wait_for_inbox({e for r in results for e in r["event_ids"]})
         cursor = apply_webhooks(None)
-        pending = query(f"SELECT status FROM change_sets WHERE entity_key = '{leaver['id']}' AND op = 'deactivate'")
-        assert list(pending.status) == ["pending"]
+        held = query(f"SELECT status, hold_reason FROM change_sets WHERE entity_key = '{leaver['id']}' "
+                     "AND op = 'deactivate'")
+        assert list(held.status) == ["held"] and list(held.hold_reason) == ["directory disabled"]  # and says why
         assert next(u for u in world.app_state()["users"] if u["user_id"] == leaver["id"])["active"]
 
         results = world.emulator.mutate([{"op": "enable_directory", "directory_id": directory}])
         wait_for_inbox({e for r in results for e in r["event_ids"]})
         apply_webhooks(cursor)
         assert not next(u for u in world.app_state()["users"] if u["user_id"] == leaver["id"])["active"]
+    finally:
+        receiver.stop()
+
+
+@pytest.mark.world(orgs=1, users_per_org=60)
+def test_deletions_spread_over_webhook_runs_are_held_once_they_add_up_past_the_guard(world):
+    from scim_pipeline.cli import main
+
+    receiver = start_receiver(world)
+    try:
+        run_sync(say=lambda _: None)
+        org = world.emulator.state()["organizations"][0]
+        active = sorted((u for u in org["users"] if u["active"]), key=lambda u: u["id"])
+        limit = max(10, int(0.2 * len(active)))  # role_mappings.yaml: threshold 0.2, min_users 10
+        cursor = None
+        for run in range(5):  # five runs of three deletions: each small, together past the limit
+            results = world.emulator.mutate([{"op": "delete_user", "user_id": u["id"]}
+                                             for u in active[run * 3:run * 3 + 3]])
+            wait_for_inbox({e for r in results for e in r["event_ids"]})
+            cursor = apply_webhooks(cursor)
+        shown = {u["user_id"] for u in world.app_state()["users"]}
+        gone = [u for u in active[:15] if u["id"] not in shown]
+        held = query("SELECT entity_key, hold_reason FROM change_sets WHERE status = 'held' AND op = 'delete'")
+        assert 0 < len(gone) <= limit and len(gone) + len(held) == 15
+        assert set(held.hold_reason) == {"mass deprovisioning guard"}
+
+        assert main(["approve", "--org", org["id"]]) == 0
+        deliver = defs.resolve_job_def("deliver_changes")
+        assert deliver.execute_in_process(instance=dagster_instance()).success
+        assert world.differences() == []
     finally:
         receiver.stop()
