@@ -223,8 +223,12 @@ def approve_from_cli(args) -> int:
     now = utcnow()
     with warehouse().write() as con:
         released = approve(con, args.org, now)
+        still = con.execute("SELECT count(*) FROM change_sets WHERE organization_id = $org AND status = 'held'",
+                            {"org": args.org}).fetchall()[0][0]
     OutboxIndex(settings().outbox_index_path).mark_ready([args.org], now)
     print(f"{args.org}: released {released} held change(s); the delivery sensor (or the next sync) sends them")
+    if still:
+        print(f"{args.org}: {still} change(s) stay held for a disabled directory, until it is enabled again")
     return 0
 
 

@@ -25,6 +25,7 @@ class DeliveryConfig(dg.Config):
     max_attempts: int = 8
     backoff_s: float = 30.0
     batch_size: int = 500
+    dead_cooldown_s: float = 900.0  # a dead change is tried again this long after it died, once the application answers
 
 
 def _deliver(context, config: DeliveryConfig, orgs: list[str], lease: Lease, warehouse: dg.ResourceParam[Warehouse],
@@ -32,7 +33,8 @@ def _deliver(context, config: DeliveryConfig, orgs: list[str], lease: Lease, war
     """Deliver these organizations' ready changes under the outbox lease; returns the materialization metadata of
     ``delivered_state``. If this raises, the lease is left to run out, and the sensor delivers them again then."""
     outbox = OutboxIndex(settings().outbox_index_path)
-    policy = DeliveryPolicy(config.max_attempts, config.backoff_s, batch_size=config.batch_size)
+    policy = DeliveryPolicy(config.max_attempts, config.backoff_s, batch_size=config.batch_size,
+                            dead_cooldown_s=config.dead_cooldown_s)
     with application.client() as client:
         report = deliver_ready(warehouse, client, orgs, outbox, policy, progress=context.log.info, lease=lease)
     if report.dead:
@@ -93,7 +95,7 @@ def deliver_changes():
 
 @dg.sensor(job=deliver_changes, minimum_interval_seconds=1, default_status=dg.DefaultSensorStatus.RUNNING,
            description="Launches a delivery run when changes are ready: new change sets, retries whose backoff "
-           "passed, approved held changes.")
+           "passed, approved or released held changes, dead changes tried again, deliveries whose lease ran out.")
 def delivery_sensor(context: dg.SensorEvaluationContext):
     due = OutboxIndex(settings().outbox_index_path).due(utcnow())
     if not due:
