@@ -205,7 +205,7 @@ counted AS (
     SELECT c.organization_id, c.entity, c.op, c.entity_key, c.status, c.created_at, c.payload ->> 'user_id' AS user_id
     FROM change_sets c
     JOIN windows w USING (organization_id)
-    WHERE c.status <> 'superseded'
+    WHERE {scope_c} AND c.status <> 'superseded'
       AND ((c.entity = 'user' AND c.op IN ('deactivate', 'delete'))
            OR (c.entity = 'membership' AND c.op = 'remove') OR (c.entity = 'role' AND c.op = 'revoke'))
       AND (w.approved_at IS NULL OR c.created_at > w.approved_at)
@@ -214,11 +214,12 @@ counted AS (
 deletes AS (
     SELECT * FROM counted WHERE entity = 'user' AND op = 'delete'
 ),
-acknowledged AS (  -- the user records the application acknowledged, for the users deleted
-    SELECT c.organization_id, c.entity_key, c.delivered_at, CAST(c.payload ->> 'active' AS BOOLEAN) AS active
+acknowledged AS (  -- the acknowledged changes of the users deleted that set whether they are active (an update
+    SELECT c.organization_id, c.entity_key, c.delivered_at,   -- carries the state it found, so it is left out)
+           CAST(c.payload ->> 'active' AS BOOLEAN) AS active
     FROM change_sets c
     SEMI JOIN deletes d ON d.organization_id = c.organization_id AND d.entity_key = c.entity_key
-    WHERE c.entity = 'user' AND c.status = 'delivered' AND c.op <> 'delete'
+    WHERE {scope_c} AND c.entity = 'user' AND c.op IN ('create', 'reactivate', 'deactivate') AND c.status = 'delivered'
 ),
 deprovisioned AS (  -- a deletion counts when the application had the user active before it
     SELECT organization_id, user_id, status FROM counted WHERE entity = 'user' AND op = 'deactivate'
@@ -376,7 +377,8 @@ def compute_change_sets(
 
     apply_directory_holds(con, org_id)
     _load_guards(con, guard)
-    con.execute(_GUARD_SQL.format(scope=scope, hold_guard=HOLD_GUARD), params | {"now": now})
+    con.execute(_GUARD_SQL.format(scope=scope, scope_c=org_scope(org_id, "c.organization_id"), hold_guard=HOLD_GUARD),
+                params | {"now": now})
     con.execute(_HOLD_SQL.format(hold_guard=HOLD_GUARD))
     con.execute(
         f"""

@@ -463,3 +463,14 @@ def test_changes_never_sent_wait_without_spending_an_attempt_and_a_named_retry_t
     assert rows == [(c1, "failed", 1, at(60), False), (c2, "failed", 0, at(60), False)]
     users = lambda now: [c for c in ready_changes(con, "org_a", now, max_attempts=5) if c["entity"] == "user"]  # noqa: E731
     assert users(at(59)) == [] and len(users(at(60))) == 2
+
+
+def test_guard_does_not_count_deleting_users_deactivated_long_ago(con):
+    org_of(con, 100)
+    con.execute("UPDATE directory_users SET active = false WHERE user_id < 'u015'")
+    sync(con, at(1), GuardSettings())
+    deliver_all(con, now=at(2))
+    # A month later the directory deletes those leavers and 10 active users: 10 deprovisions, not 25.
+    con.execute("UPDATE directory_users SET deleted_at = ? WHERE user_id < 'u025'", [T0])
+    counts = sync(con, at(60 * 24 * 30), GuardSettings())
+    assert counts["user.delete"] == 25 and counts["guard_tripped"] == []
