@@ -74,7 +74,7 @@ def held_changes(warehouse: dg.ResourceParam[Warehouse]) -> dg.AssetCheckResult:
     with warehouse.read() as con:
         return _result(con, """SELECT organization_id, hold_reason, count(*) AS changes, min(created_at) AS since
             FROM change_sets WHERE status = 'held' GROUP BY ALL ORDER BY ALL""",
-                       "organizations with held changes", dg.AssetCheckSeverity.WARN)
+                       "organizations and reasons with held changes", dg.AssetCheckSeverity.WARN)
 
 
 @dg.asset_check(asset="change_sets", description="Dead letters: changes that failed every attempt of their round, "
