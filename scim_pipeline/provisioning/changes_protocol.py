@@ -269,7 +269,8 @@ def _snippet(response: httpx.Response, limit: int = 300) -> str:
 
 
 def _results(sent: list[dict], answer: Any) -> list[ChangeResult]:
-    """One result per sent change; anything unanswered or unreadable counts as failed (it will be sent again)."""
+    """One result per sent change; anything unanswered or unreadable counts as failed, in doubt (it will be sent
+    again)."""
     answered: dict[str, ChangeResult] = {}
     rows = answer.get("results") if isinstance(answer, dict) else None
     for row in rows if isinstance(rows, list) else []:
@@ -279,9 +280,11 @@ def _results(sent: list[dict], answer: Any) -> list[ChangeResult]:
         error = None if error is None else str(error)
         if status not in ("applied", "rejected"):
             status, error = "failed", f"unexpected status {status!r} in the application's answer"
-        answered.setdefault(row["change_id"], ChangeResult(row["change_id"], status, error))
+        answered.setdefault(row["change_id"], ChangeResult(row["change_id"], status, error, in_doubt=True))
+    # The application took the batch: a change it did not answer for clearly may have been applied all the same.
     return [
-        answered.get(c["change_id"]) or ChangeResult(c["change_id"], "failed", "no result in the application's answer")
+        answered.get(c["change_id"])
+        or ChangeResult(c["change_id"], "failed", "no result in the application's answer", in_doubt=True)
         for c in sent
     ]
 

@@ -354,3 +354,10 @@ def test_408_is_retried_like_a_timeout():
     with Scripted([Reply(408), Reply(200)]) as server, client(server.url) as c:
         assert [r.status for r in c.send_batch("org_1", CHANGES[:1])] == ["applied"]
         assert len(server.requests) == 2
+
+
+def test_a_change_the_answer_does_not_account_for_is_in_doubt():
+    answer = {"results": [{"change_id": "c2", "status": "queued"}]}
+    with Scripted([Reply(200, body=answer)]) as server, client(server.url) as c:
+        results = c.send_batch("org_1", CHANGES)
+    assert [(r.status, r.in_doubt) for r in results] == [("failed", True), ("failed", True)]
