@@ -19,6 +19,7 @@ COMMANDS = {
     "sql": "scim_pipeline.commands:sql_from_cli",
     "changes": "scim_pipeline.commands:changes_from_cli",
     "approve": "scim_pipeline.commands:approve_from_cli",
+    "retry": "scim_pipeline.commands:retry_from_cli",
     "demo": "scim_pipeline.devstack.demo:demo_from_cli",
     "dev": "scim_pipeline.devstack.demo:dev_from_cli",
 }
@@ -72,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("approve", help="release changes held by the mass-deprovisioning guard")
     p.add_argument("--org", required=True, metavar="ORG_ID", help="the organization whose held changes to release")
+
+    p = sub.add_parser("retry", help="try dead changes again now, with fresh attempts")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--org", default=None, metavar="ORG_ID", help="the organization whose dead changes to retry")
+    which.add_argument("--all", action="store_true", help="every organization's dead changes")
 
     sub.add_parser("demo", help="run the whole pipeline end to end, headless, on the embedded services")
     sub.add_parser("dev", help="embedded services plus `dagster dev` with sensors and schedules running")

@@ -1,4 +1,4 @@
-"""The pipeline's own subcommands: sync, sql, changes, approve."""
+"""The pipeline's own subcommands: sync, sql, changes, approve, retry."""
 
 from __future__ import annotations
 
@@ -307,8 +307,8 @@ def changes_from_cli(args) -> int:
     if args.status:
         where.append("status = $status")
         params["status"] = args.status
-    sql = ("SELECT change_id, organization_id, entity, op, entity_key, status, attempts, last_error, created_at, "
-           "delivered_at FROM change_sets" + (" WHERE " + " AND ".join(where) if where else "")
+    sql = ("SELECT change_id, organization_id, entity, op, entity_key, status, hold_reason, attempts, last_error, "
+           "created_at, delivered_at FROM change_sets" + (" WHERE " + " AND ".join(where) if where else "")
            + " ORDER BY created_at, organization_id, entity_key")
     with warehouse().read() as con:
         frame = con.execute(sql, params).df()
@@ -322,6 +322,24 @@ def approve_from_cli(args) -> int:
     now = utcnow()
     with warehouse().write() as con:
         released = approve(con, args.org, now)
+        still = con.execute("SELECT count(*) FROM change_sets WHERE organization_id = $org AND status = 'held'",
+                            {"org": args.org}).fetchall()[0][0]
     OutboxIndex(settings().outbox_index_path).mark_ready([args.org], now)
     print(f"{args.org}: released {released} held change(s); the delivery sensor (or the next sync) sends them")
+    if still:
+        print(f"{args.org}: {still} change(s) stay held for a disabled directory, until it is enabled again")
+    return 0
+
+
+def retry_from_cli(args) -> int:
+    from scim_pipeline.provisioning.ledger import revive_dead
+
+    now = utcnow()
+    with warehouse().write() as con:
+        revived = revive_dead(con, None if args.all else args.org, now)
+    OutboxIndex(settings().outbox_index_path).mark_ready(list(revived), now)
+    for org, n in revived.items():
+        print(f"{org}: {n} dead change(s) tried again")
+    print(f"revived {sum(revived.values())} dead change(s) with fresh attempts; the delivery sensor (or the next "
+          "sync) sends them")
     return 0

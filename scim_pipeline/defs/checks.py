@@ -68,20 +68,23 @@ def memberships_point_at_live_rows(warehouse: dg.ResourceParam[Warehouse]) -> dg
             WHERE u.user_id IS NULL OR g.group_id IS NULL""", "memberships of a deleted or unknown user or group")
 
 
-@dg.asset_check(asset="change_sets", description="Mass-deprovisioning guard: deactivations and deletes held until "
-                "`scim-pipeline approve --org ORG`.")
+@dg.asset_check(asset="change_sets", description="Held changes and why: the mass-deprovisioning guard's wait for "
+                "`scim-pipeline approve --org ORG`, or a disabled directory's (released when it is enabled again).")
 def held_changes(warehouse: dg.ResourceParam[Warehouse]) -> dg.AssetCheckResult:
     with warehouse.read() as con:
-        return _result(con, """SELECT organization_id, count(*) FROM change_sets WHERE status = 'held'
-            GROUP BY 1 ORDER BY 1""", "organizations with held changes", dg.AssetCheckSeverity.WARN)
+        return _result(con, """SELECT organization_id, hold_reason, count(*) AS changes, min(created_at) AS since
+            FROM change_sets WHERE status = 'held' GROUP BY ALL ORDER BY ALL""",
+                       "organizations and reasons with held changes", dg.AssetCheckSeverity.WARN)
 
 
-@dg.asset_check(asset="change_sets", description="Dead letters: changes that failed every attempt "
-                "(`scim-pipeline changes --status dead`).")
+@dg.asset_check(asset="change_sets", description="Dead letters: changes that failed every attempt of their round, "
+                "with why and since when (`scim-pipeline changes --status dead`). They are tried again after the next "
+                "successful delivery to their organization, at the next full sync, or with `scim-pipeline retry`.")
 def dead_changes(warehouse: dg.ResourceParam[Warehouse]) -> dg.AssetCheckResult:
     with warehouse.read() as con:
-        return _result(con, """SELECT change_id, organization_id, entity, op, entity_key, last_error
-            FROM change_sets WHERE status = 'dead' ORDER BY created_at""", "dead changes")
+        return _result(con, """SELECT change_id, organization_id, entity, op, entity_key, last_error, attempts,
+                   coalesce(dead_at, created_at) AS dead_since
+            FROM change_sets WHERE status = 'dead' ORDER BY dead_since, change_id""", "dead changes")
 
 
 CHECKS = [users_unique_ids, users_emails_well_formed, users_match_directory_totals, groups_unique_ids,

@@ -3,7 +3,11 @@
 ``ApplicationClient`` sends one organization's batch, signed with Standard Webhooks, under an ``Idempotency-Key``
 derived from the batch's content, and retries what is worth retrying (the package's ``RetryPolicy``).
 ``send_changes`` sends one organization's changes batch after batch, in the order the protocol promises
-(``provisioning.ordering``).
+(``provisioning.ordering``), and adapts: a batch the application finds too large or too slow is halved.
+
+Every change that is not answered comes back with what is known of it: whether a request carrying it may have been
+applied (``in_doubt``), whether it was sent at all, and how long the application asked to be left alone
+(``retry_after``), so that the ledger schedules it instead of this process sleeping.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import hashlib
 import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Optional
 
@@ -21,7 +25,7 @@ import httpx
 from standardwebhooks import Webhook
 
 from scim_pipeline.lib.retry import RetryPolicy
-from scim_pipeline.provisioning.ordering import batches
+from scim_pipeline.provisioning.ordering import order_changes
 
 CHANGES_PATH = "/scim/changes"
 
@@ -31,7 +35,25 @@ class DeliveryError(Exception):
 
 
 class DeliveryUnavailable(DeliveryError):
-    """The application stayed unreachable, slow, rate-limited or failing for the whole retry budget: try later."""
+    """The application stayed unreachable, slow, rate-limited or failing for the whole retry budget, or asked for a
+    longer wait (``retry_after``, seconds) than the client spends within a request: try later. ``maybe_applied``:
+    some attempt may have been applied (a 5xx, a timeout, a connection lost after sending)."""
+
+    def __init__(self, message: str, retry_after: float | None = None, maybe_applied: bool = True):
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.maybe_applied = maybe_applied
+
+
+class BatchTooLarge(DeliveryError):
+    """The application refused the batch as too large (413), or did not answer a batch of several changes in time
+    (``maybe_applied``: it may still have applied it): send it in smaller parts. ``detail`` is the error a single
+    change is rejected with."""
+
+    def __init__(self, message: str, detail: str, maybe_applied: bool = False):
+        super().__init__(message)
+        self.detail = detail
+        self.maybe_applied = maybe_applied
 
 
 class _TryAgain(Exception):
@@ -43,11 +65,14 @@ class _TryAgain(Exception):
 
 
 class DeliveryRejected(DeliveryError):
-    """The application refused the request itself (a 4xx other than 429): retrying the same request cannot help."""
+    """The application refused the request itself (a 4xx other than 408, 413 and 429): nothing of it was applied,
+    and the same request cannot succeed now. ``detail`` (``HTTP <status>: <body>``) is the error its changes are
+    rejected with."""
 
-    def __init__(self, status_code: int, message: str):
+    def __init__(self, status_code: int, message: str, detail: str | None = None):
         super().__init__(message)
         self.status_code = status_code
+        self.detail = detail or f"HTTP {status_code}"
 
 
 @dataclass(frozen=True)
@@ -55,6 +80,10 @@ class ChangeResult:
     change_id: str
     status: str  # "applied" | "rejected" | "failed" (not answered, or the batch was not delivered)
     error: Optional[str] = None
+    # For a failed change, what the ledger needs to schedule it (not part of what happened to it, so not compared):
+    in_doubt: bool = field(default=False, compare=False)  # a request carrying it may have been applied
+    sent: bool = field(default=True, compare=False)  # False: never sent (an earlier batch was not delivered)
+    retry_after: Optional[float] = field(default=None, compare=False)  # seconds the application asked to wait
 
     def as_dict(self) -> dict[str, Any]:
         return {"change_id": self.change_id, "status": self.status, "error": self.error}
@@ -128,11 +157,15 @@ class ApplicationClient:
         backoff_max: float = 30.0,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
+        max_retry_after: float = 10.0,
     ):
+        """``max_retry_after``: the longest ``Retry-After`` slept on within a request; a longer one ends the send
+        (``DeliveryUnavailable.retry_after``), and the ledger schedules the batch for then."""
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         self.url = url.rstrip("/")
         self.max_attempts = max_attempts
+        self.max_retry_after = max_retry_after
         self.retry = RetryPolicy(attempts=max_attempts, base_s=backoff_base, max_delay_s=backoff_max)
         self._sleep = sleep
         self._rng = rng or random.Random()
@@ -154,7 +187,9 @@ class ApplicationClient:
 
     def send_batch(self, organization_id: str, changes: list[dict]) -> list[ChangeResult]:
         """Deliver one batch; one result per change, in the order given. Raises DeliveryUnavailable when the retry
-        budget is spent, DeliveryRejected when the application refuses the request."""
+        budget is spent or the application asks for a long wait, DeliveryRejected when it refuses the request, and
+        BatchTooLarge when it finds the batch too large (413) or does not answer a batch of several changes in time
+        (a smaller batch is the better retry)."""
         wire = [_wire_change(c) for c in changes]
         if not wire:
             return []
@@ -162,19 +197,28 @@ class ApplicationClient:
         body = json.dumps(
             {"batch_id": bid, "organization_id": organization_id, "changes": wire}, separators=(",", ":")
         ).encode()
-        answer = self._post(bid, body)
+        answer = self._post(bid, body, len(wire))
         return _results(wire, answer)
 
-    def _post(self, bid: str, body: bytes) -> Any:
+    def _post(self, bid: str, body: bytes, size: int) -> Any:
         endpoint = self.url + CHANGES_PATH
+        maybe_applied = False  # whether any attempt may have been applied: then the changes are in doubt
 
         def attempt() -> Any:
+            nonlocal maybe_applied
             try:
                 # Signed afresh on every attempt: a retry after a long wait must not carry a stale timestamp.
                 response = self._http.post(endpoint, content=body, headers=self._headers(bid, body))
             except httpx.TimeoutException as exc:
-                raise _TryAgain(f"timed out ({type(exc).__name__})") from exc
+                reason = f"timed out ({type(exc).__name__})"
+                if isinstance(exc, httpx.ConnectTimeout):  # never reached the application
+                    raise _TryAgain(reason) from exc
+                maybe_applied = True
+                if size > 1:
+                    raise BatchTooLarge(f"{endpoint}: batch {bid} of {size} changes {reason}", reason, True) from exc
+                raise _TryAgain(reason) from exc
             except httpx.TransportError as exc:
+                maybe_applied = maybe_applied or not isinstance(exc, httpx.ConnectError)
                 raise _TryAgain(f"connection failed: {exc or type(exc).__name__}") from exc
             status = response.status_code
             if 200 <= status < 300:
@@ -182,18 +226,31 @@ class ApplicationClient:
                     return response.json()
                 except ValueError:
                     # Applied or not, a resend is safe (idempotency), and this may be a garbled answer.
+                    maybe_applied = True
                     raise _TryAgain(f"HTTP {status} with a body that is not JSON") from None
-            if status == 429 or status >= 500:
-                raise _TryAgain(f"HTTP {status}: {_snippet(response)}",
-                                parse_retry_after(response.headers.get("retry-after")))
-            raise DeliveryRejected(status, f"{endpoint} refused batch {bid}: HTTP {status}: {_snippet(response)}")
+            detail = f"HTTP {status}: {_snippet(response)}"
+            if status == 413 or (status == 408 and size > 1):
+                raise BatchTooLarge(f"{endpoint} refused batch {bid} of {size} changes: {detail}", detail)
+            if status in (408, 429) or status >= 500:
+                maybe_applied = maybe_applied or status >= 500  # a 5xx may come after the application committed
+                raise _TryAgain(detail, parse_retry_after(response.headers.get("retry-after")))
+            raise DeliveryRejected(status, f"{endpoint} refused batch {bid}: {detail}", detail)
+
+        def too_long(exc: BaseException) -> bool:
+            wait = getattr(exc, "retry_after", None)
+            return wait is not None and wait > self.max_retry_after
 
         try:
-            return self.retry.call(attempt, retry_if=lambda exc: isinstance(exc, _TryAgain),
+            return self.retry.call(attempt, retry_if=lambda exc: isinstance(exc, _TryAgain) and not too_long(exc),
                                    delay_hint=lambda exc: exc.retry_after, sleep=self._sleep, rng=self._rng)
         except _TryAgain as exc:
+            if too_long(exc):
+                raise DeliveryUnavailable(
+                    f"{endpoint}: batch {bid} not delivered: {exc}; the application asked to wait "
+                    f"{exc.retry_after:.0f}s", exc.retry_after, maybe_applied) from None
             raise DeliveryUnavailable(
-                f"{endpoint}: batch {bid} not delivered after {self.max_attempts} attempts: {exc}") from None
+                f"{endpoint}: batch {bid} not delivered after {self.max_attempts} attempts: {exc}",
+                None, maybe_applied) from None
 
     def _headers(self, bid: str, body: bytes) -> dict[str, str]:
         now = datetime.now(tz=timezone.utc)
@@ -212,7 +269,8 @@ def _snippet(response: httpx.Response, limit: int = 300) -> str:
 
 
 def _results(sent: list[dict], answer: Any) -> list[ChangeResult]:
-    """One result per sent change; anything unanswered or unreadable counts as failed (it will be sent again)."""
+    """One result per sent change; anything unanswered or unreadable counts as failed, in doubt (it will be sent
+    again)."""
     answered: dict[str, ChangeResult] = {}
     rows = answer.get("results") if isinstance(answer, dict) else None
     for row in rows if isinstance(rows, list) else []:
@@ -222,9 +280,11 @@ def _results(sent: list[dict], answer: Any) -> list[ChangeResult]:
         error = None if error is None else str(error)
         if status not in ("applied", "rejected"):
             status, error = "failed", f"unexpected status {status!r} in the application's answer"
-        answered.setdefault(row["change_id"], ChangeResult(row["change_id"], status, error))
+        answered.setdefault(row["change_id"], ChangeResult(row["change_id"], status, error, in_doubt=True))
+    # The application took the batch: a change it did not answer for clearly may have been applied all the same.
     return [
-        answered.get(c["change_id"]) or ChangeResult(c["change_id"], "failed", "no result in the application's answer")
+        answered.get(c["change_id"])
+        or ChangeResult(c["change_id"], "failed", "no result in the application's answer", in_doubt=True)
         for c in sent
     ]
 
@@ -232,15 +292,58 @@ def _results(sent: list[dict], answer: Any) -> list[ChangeResult]:
 def send_changes(
     client: ApplicationClient, organization_id: str, changes: Iterable[dict], batch_size: int = 500
 ) -> list[ChangeResult]:
-    """Send one organization's changes in protocol order, batch after batch. When a batch is not delivered, it and
-    every later batch are ``failed`` with the error (later ones may depend on it, e.g. memberships on a create)."""
+    """Send one organization's changes in protocol order, batch after batch; one result per change.
+
+    A batch the application finds too large (413) or does not answer in time is halved, down to single changes, and
+    the next batches keep the size that went through; a single change still too large is rejected with that error.
+    A batch the application refuses (another 4xx) is rejected as a whole. Delivery stops at the first batch that is
+    not delivered or refused (later ones may depend on it, e.g. memberships on a create): its changes are
+    ``failed``, in doubt if a request may have been applied, and every later change is ``failed`` unsent."""
+    if batch_size < 1:
+        raise ValueError("batch size must be at least 1")
+    ordered = order_changes(changes)
     results: list[ChangeResult] = []
-    pending = batches(changes, batch_size)
-    for i, batch in enumerate(pending):
+    start, size, largest_sent = 0, batch_size, 0
+    maybe_applied: set[str] = set()  # sent in a batch that timed out: the application may have applied them
+    while start < len(ordered):
+        chunk = ordered[start : start + size]
         try:
-            results.extend(client.send_batch(organization_id, batch))
-        except DeliveryError as exc:
-            for later in pending[i:]:
-                results.extend(ChangeResult(c["change_id"], "failed", str(exc)) for c in later)
+            answered = client.send_batch(organization_id, chunk)
+        except BatchTooLarge as exc:
+            if exc.maybe_applied:
+                maybe_applied.update(c["change_id"] for c in chunk)
+            if len(chunk) > 1:
+                size = len(chunk) // 2
+                continue
+            answered = [ChangeResult(chunk[0]["change_id"], "rejected", exc.detail)]
+            size = largest_sent or batch_size  # that one change was the trouble, not the size that went through
+        except DeliveryRejected as exc:
+            results.extend(ChangeResult(c["change_id"], "rejected", exc.detail) for c in chunk)
+            results.extend(_unsent(ordered[start + len(chunk) :], exc, maybe_applied))
             break
+        except DeliveryError as exc:
+            retry_after = exc.retry_after if isinstance(exc, DeliveryUnavailable) else None
+            in_doubt = exc.maybe_applied if isinstance(exc, DeliveryUnavailable) else True
+            results.extend(ChangeResult(c["change_id"], "failed", str(exc), retry_after=retry_after,
+                                        in_doubt=in_doubt or c["change_id"] in maybe_applied) for c in chunk)
+            results.extend(_unsent(ordered[start + len(chunk) :], exc, maybe_applied))
+            break
+        else:
+            largest_sent = max(largest_sent, len(chunk))
+        results.extend(answered)
+        start += len(chunk)
+    return results
+
+
+def _unsent(changes: list[dict], cause: Exception, maybe_applied: set[str]) -> list[ChangeResult]:
+    """The changes after a batch not delivered. Those already sent in a batch that timed out count as attempted and
+    in doubt; the others were never sent."""
+    results = []
+    for c in changes:
+        if c["change_id"] in maybe_applied:
+            results.append(ChangeResult(c["change_id"], "failed", f"timed out, then not sent again ({cause})",
+                                        in_doubt=True))
+        else:
+            results.append(ChangeResult(c["change_id"], "failed", f"not sent: an earlier batch was not delivered "
+                                        f"({cause})", sent=False))
     return results

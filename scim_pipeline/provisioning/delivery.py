@@ -1,30 +1,40 @@
 """Delivery of the ledger's ready changes to the application: the one path from the warehouse to the application.
 
-Per organization: read what is ready (short read), send it in protocol order batch after batch with no warehouse
-lock held, then record every answer (short write). The delivered state changes only from acknowledged results, so
-an application that is down never loses or duplicates anything: its changes wait in the ledger with a backoff.
+Per organization: prepare and read what is ready (short write), send it in protocol order batch after batch with no
+warehouse lock held, then record every answer (short write). The delivered state changes only from acknowledged
+results, so an application that is down never loses or duplicates anything: its changes wait in the ledger with a
+backoff. Preparing means: dead changes come back once the application answers again after a cool-down, in-doubt
+changes are re-derived against the desired state, and changes of a disabled directory are held (and released once
+it is enabled again).
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Callable
 
 from scim_pipeline.lib.clock import utcnow
-from scim_pipeline.provisioning.outbox_index import OutboxIndex
-from scim_pipeline.provisioning.changes_protocol import ApplicationClient, send_changes
+from scim_pipeline.provisioning.change_sets import HOLD_DIRECTORY, apply_directory_holds
+from scim_pipeline.provisioning.changes_protocol import ApplicationClient, ChangeResult, send_changes
+from scim_pipeline.provisioning.ledger import (
+    ready_changes, record_failure, record_results, rederive_in_doubt, revive_dead,
+)
+from scim_pipeline.provisioning.outbox_index import Lease, OutboxIndex
 from scim_pipeline.warehouse.connection import Warehouse
-from scim_pipeline.provisioning.ledger import ready_changes, record_failure, record_results
+from scim_pipeline.warehouse.sql import first_int
 
 
 @dataclass
 class DeliveryPolicy:
-    max_attempts: int = 8  # per change, across runs; then it is dead and shown in the UI
+    max_attempts: int = 8  # per change and round, across runs; then it is dead and shown in the UI
     backoff_s: float = 30.0  # first wait before a failed change is tried again (doubling, capped, jittered)
     backoff_cap_s: float = 3600.0
     batch_size: int = 500
+    # A dead change gets a fresh round once its organization is delivered to again, this long after it died: an
+    # application that answers again has recovered, and the wait keeps a change it keeps refusing from cycling fast.
+    dead_cooldown_s: float = 900.0
 
 
 @dataclass
@@ -33,23 +43,14 @@ class DeliveryReport:
     rejected: int = 0
     failed: int = 0
     dead: int = 0
-    held_back: int = 0  # changes of a disabled directory, kept until it is enabled again
+    held_back: int = 0  # changes held for a disabled directory, until it is enabled again
+    revived: int = 0  # dead changes given a fresh round
+    replaced: int = 0  # in-doubt changes the directory changed its mind about, replaced before being sent again
     errors: dict[str, str] = field(default_factory=dict)  # organization -> transport error
 
     @property
     def applied(self) -> int:
         return sum(self.sent.values())
-
-
-def _disabled_users(con, organization_id: str) -> set[str]:
-    rows = con.execute(
-        """
-        SELECT u.user_id FROM directory_users u JOIN directories d USING (directory_id)
-        WHERE u.organization_id = $org AND NOT d.enabled
-        """,
-        {"org": organization_id},
-    ).fetchall()
-    return {r[0] for r in rows}
 
 
 def deliver_ready(
@@ -60,49 +61,114 @@ def deliver_ready(
     policy: DeliveryPolicy = DeliveryPolicy(),
     now: Callable[[], datetime] = utcnow,
     progress: Callable[[str], None] = print,
+    lease: Lease | None = None,
 ) -> DeliveryReport:
+    """Deliver each organization's ready changes. ``lease``: the outbox claim this delivery works under; each
+    organization is released once done, so one this delivery never finishes comes due again when the lease runs
+    out."""
     report = DeliveryReport()
     for org in organization_ids:
-        with warehouse.read() as con:
-            changes = ready_changes(con, org, now(), policy.max_attempts)
-            disabled = _disabled_users(con, org)
-        if disabled:
-            kept = [c for c in changes if c["data"].get("user_id") not in disabled]
-            report.held_back += len(changes) - len(kept)
-            changes = kept
-        if not changes:
-            continue
-        results = send_changes(client, org, changes, batch_size=policy.batch_size)
-        by_id = {c["change_id"]: c for c in changes}
-        answered = [r for r in results if r.status in ("applied", "rejected")]
-        failed = [r for r in results if r.status == "failed"]
-        with warehouse.write() as con:
-            stamp = now()
-            if answered:
-                record_results(con, [r.as_dict() for r in answered], stamp, policy.max_attempts, policy.backoff_s,
-                               policy.backoff_cap_s)
-            if failed:
-                error = failed[0].error or "not delivered"
-                outcome = record_failure(con, [r.change_id for r in failed], error, stamp, policy.max_attempts,
-                                         policy.backoff_s, policy.backoff_cap_s)
-                report.failed += outcome["failed"]
-                report.dead += outcome["dead"]
-                report.errors[org] = error
-            retry_at = con.execute(
-                "SELECT min(next_attempt_at) FROM change_sets WHERE organization_id = $org AND status = 'failed'",
-                {"org": org},
-            ).fetchone()[0]
-        if retry_at is not None:
-            outbox.mark_ready([org], retry_at)
-        for r in answered:
-            if r.status == "applied":
-                c = by_id[r.change_id]
-                report.sent[f"{c['entity']}.{c['op']}"] += 1
-            else:
-                report.rejected += 1
-        progress(
-            f"{org}: {sum(1 for r in answered if r.status == 'applied')} applied, "
-            f"{sum(1 for r in answered if r.status == 'rejected')} rejected, {len(failed)} not delivered"
-            + (f" ({report.errors[org]})" if org in report.errors else "")
-        )
+        # A second pass sends the dead changes that this pass's answers brought back.
+        if _deliver_organization(warehouse, client, org, outbox, policy, now, progress, report, first=True):
+            _deliver_organization(warehouse, client, org, outbox, policy, now, progress, report, first=False)
+        if lease is not None:
+            outbox.release(lease, [org])
     return report
+
+
+def _deliver_organization(warehouse, client, org, outbox, policy, now, progress, report, first: bool) -> bool:
+    """One pass over the organization; True when dead changes are due back now."""
+    cooldown = timedelta(seconds=policy.dead_cooldown_s)
+    with warehouse.write() as con:
+        stamp = now()
+        revived = revive_dead(con, org, stamp, died_before=stamp - cooldown, delivered_since=True).get(org, 0)
+        replaced = rederive_in_doubt(con, org, stamp)["replaced"]
+        apply_directory_holds(con, org)
+        changes = ready_changes(con, org, stamp, policy.max_attempts)
+        held = first_int(con.execute("SELECT count(*) FROM change_sets WHERE organization_id = $org "
+                                     "AND status = 'held' AND hold_reason = $reason",
+                                     {"org": org, "reason": HOLD_DIRECTORY}))
+        revival_at = None if changes else _next_revival(con, org, cooldown)
+    report.revived += revived
+    report.replaced += replaced
+    if first:
+        report.held_back += held
+    if not changes:
+        if revival_at is not None:
+            outbox.mark_ready([org], revival_at)
+        return False
+
+    results = send_changes(client, org, changes, batch_size=policy.batch_size)
+    by_id = {c["change_id"]: c for c in changes}
+    answered = [r for r in results if r.status in ("applied", "rejected")]
+    failed = [r for r in results if r.status == "failed"]
+    with warehouse.write() as con:
+        stamp = now()
+        if answered:
+            record_results(con, [r.as_dict() for r in answered], stamp, policy.max_attempts, policy.backoff_s,
+                           policy.backoff_cap_s)
+        if failed:
+            _record_failed(con, org, failed, answered, stamp, policy, report)
+        retry_at = con.execute(
+            "SELECT min(next_attempt_at) FROM change_sets WHERE organization_id = $org AND status = 'failed'",
+            {"org": org},
+        ).fetchall()[0][0]
+        revival_at = _next_revival(con, org, cooldown)
+    if retry_at is not None:
+        outbox.mark_ready([org], retry_at)
+    for r in answered:
+        if r.status == "applied":
+            c = by_id[r.change_id]
+            report.sent[f"{c['entity']}.{c['op']}"] += 1
+        else:
+            report.rejected += 1
+    progress(
+        f"{org}: {sum(1 for r in answered if r.status == 'applied')} applied, "
+        f"{sum(1 for r in answered if r.status == 'rejected')} rejected, {len(failed)} not delivered"
+        + (f" ({report.errors[org]})" if org in report.errors else "")
+        + (f"; {revived} dead change(s) tried again" if revived else "")
+        + (f"; {replaced} in-doubt change(s) re-derived" if replaced else "")
+    )
+    if revival_at is not None and revival_at > stamp:
+        outbox.mark_ready([org], revival_at)
+    return first and revival_at is not None and revival_at <= stamp
+
+
+def _record_failed(con, org: str, failed: list[ChangeResult], answered: list[ChangeResult], stamp: datetime,
+                   policy: DeliveryPolicy, report: DeliveryReport) -> None:
+    """Changes not delivered: those sent, by what is known of them (in doubt or not, a wait the application asked
+    for); then those never sent, which wait as long as the last of the others without spending an attempt."""
+    sent: dict[tuple, list[str]] = defaultdict(list)
+    for r in failed:
+        if r.sent:
+            sent[(r.error or "not delivered", r.in_doubt, r.retry_after)].append(r.change_id)
+    for (error, in_doubt, retry_after), ids in sent.items():
+        outcome = record_failure(
+            con, ids, error, stamp, policy.max_attempts, policy.backoff_s, policy.backoff_cap_s, in_doubt=in_doubt,
+            retry_at=stamp + timedelta(seconds=retry_after) if retry_after is not None else None)
+        report.failed += outcome["failed"]
+        report.dead += outcome["dead"]
+        report.errors.setdefault(org, error)
+    unsent = [r for r in failed if not r.sent]
+    if unsent:
+        tried = [r.change_id for r in failed if r.sent] + [r.change_id for r in answered if r.status == "rejected"]
+        until = con.execute("SELECT max(next_attempt_at) FROM change_sets WHERE list_contains($ids, change_id)",
+                            {"ids": tried}).fetchall()[0][0]
+        record_failure(con, [r.change_id for r in unsent], unsent[0].error, stamp, attempted=False,
+                       retry_at=max(until or stamp, stamp + timedelta(seconds=policy.backoff_s)))
+        report.failed += len(unsent)
+        report.errors.setdefault(org, unsent[0].error)
+
+
+def _next_revival(con, org: str, cooldown: timedelta) -> datetime | None:
+    """When the organization's first dead change comes back, if the application has answered since it died."""
+    died = con.execute(
+        """
+        SELECT min(coalesce(c.dead_at, c.created_at)) FROM change_sets c
+        WHERE c.organization_id = $org AND c.status = 'dead'
+          AND coalesce(c.dead_at, c.created_at) < (SELECT max(x.delivered_at) FROM change_sets x
+                                                   WHERE x.organization_id = $org)
+        """,
+        {"org": org},
+    ).fetchall()[0][0]
+    return died + cooldown if died is not None else None

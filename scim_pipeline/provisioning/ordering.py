@@ -29,7 +29,8 @@ def order_changes(changes: Iterable[dict]) -> list[dict]:
 
 def batches(changes: Iterable[dict], size: int = 500) -> list[list[dict]]:
     """``order_changes``, cut into consecutive batches of at most ``size``. Send them in this order, one after the
-    other, and stop at the first that is not delivered (``changes_protocol.send_changes`` does)."""
+    other, and stop at the first that is not delivered (``changes_protocol.send_changes`` does, halving a batch
+    the application cannot take)."""
     if size < 1:
         raise ValueError("batch size must be at least 1")
     ordered = order_changes(changes)

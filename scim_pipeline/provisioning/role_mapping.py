@@ -5,9 +5,10 @@ Format (every key optional; unknown keys are errors)::
 
     use_directory_role_assignments: true   # count Scalekit's own group-to-role assignments (directories.role_assignments)
     default_role: member                   # for ACTIVE users that no rule or assignment gives a role; omit for none
-    deprovision_guard:                     # hold deactivations/deletes when one run would remove more than
+    deprovision_guard:                     # hold deactivations/deletes (and removals/revocations) once more than
       threshold: 0.2                       #   this share of the organization's active users
       min_users: 10                        #   and more than this many users
+      window_hours: 24                     #   lost access within this many hours (across runs)
     rules:                                 # a user gets the role of EVERY rule that matches one of their groups
       - group: "Engineering*"              # group display name; case-insensitive; * matches any run of characters
         role: developer
@@ -18,6 +19,7 @@ Format (every key optional; unknown keys are errors)::
       org_42:
         deprovision_threshold: 0.5
         deprovision_min_users: 5
+        deprovision_window_hours: 72
 
 A rule has exactly one of ``group`` / ``group_id`` and always a ``role``. Errors name the file and line:
 ``RoleMappingError("role_mappings.yaml:7: rule 2 names no role")``. The matching itself is SQL
@@ -33,11 +35,12 @@ import yaml
 
 DEFAULT_THRESHOLD = 0.2
 DEFAULT_MIN_USERS = 10
+DEFAULT_WINDOW_HOURS = 24.0
 
 _TOP_KEYS = {"use_directory_role_assignments", "default_role", "deprovision_guard", "rules", "organizations"}
 _RULE_KEYS = {"group", "group_id", "organization", "role"}
-_GUARD_KEYS = {"threshold", "min_users"}
-_ORG_KEYS = {"deprovision_threshold", "deprovision_min_users"}
+_GUARD_KEYS = {"threshold", "min_users", "window_hours"}
+_ORG_KEYS = {"deprovision_threshold", "deprovision_min_users", "deprovision_window_hours"}
 
 
 class RoleMappingError(ValueError):
@@ -46,10 +49,13 @@ class RoleMappingError(ValueError):
 
 @dataclass(frozen=True)
 class GuardSettings:
-    """Deactivations/deletes are held when they exceed ``threshold`` of the active users AND ``min_users`` users."""
+    """Deactivations/deletes are held when the users they deprovision within ``window_hours`` exceed ``threshold`` of
+    the active users AND ``min_users`` users; membership removals and role revocations likewise, by the users who
+    lose one."""
 
     threshold: float = DEFAULT_THRESHOLD
     min_users: int = DEFAULT_MIN_USERS
+    window_hours: float = DEFAULT_WINDOW_HOURS
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,12 @@ class _Reader:
             raise self.fail(node, f"{what} must be a share between 0 and 1, got {value}")
         return value
 
+    def hours(self, node: yaml.Node, what: str) -> float:
+        value = float(self.scalar(node, what, (int, float)))  # type: ignore[arg-type]
+        if not value > 0:
+            raise self.fail(node, f"{what} must be a positive number of hours, got {value:g}")
+        return value
+
     def count(self, node: yaml.Node, what: str) -> int:
         value = self.scalar(node, what, (int,))
         if value < 0:  # type: ignore[operator]
@@ -181,6 +193,8 @@ class _Reader:
                 if "threshold" in items else DEFAULT_THRESHOLD,
                 min_users=self.count(items["min_users"][1], "deprovision_guard.min_users")
                 if "min_users" in items else DEFAULT_MIN_USERS,
+                window_hours=self.hours(items["window_hours"][1], "deprovision_guard.window_hours")
+                if "window_hours" in items else DEFAULT_WINDOW_HOURS,
             )
 
         rules: list[Rule] = []
@@ -206,6 +220,9 @@ class _Reader:
                     if "deprovision_threshold" in items else guard.threshold,
                     min_users=self.count(items["deprovision_min_users"][1], f"organizations.{org_id}.deprovision_min_users")
                     if "deprovision_min_users" in items else guard.min_users,
+                    window_hours=self.hours(items["deprovision_window_hours"][1],
+                                            f"organizations.{org_id}.deprovision_window_hours")
+                    if "deprovision_window_hours" in items else guard.window_hours,
                 )))
 
         return RoleMapping(

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import duckdb
 
-SCHEMA_VERSION = 2  # 2: the columns of ADDED_COLUMNS, the table webhook_progress
+# Version 2 added the columns of ADDED_COLUMNS and the table webhook_progress (webhook ordering and progress),
+# change_sets.hold_reason, dead_at, attempts_at_revival and replaces, and
+# organization_settings.deprovision_window_hours; ``create_all`` brings an older file up to date.
+SCHEMA_VERSION = 2
 
 TABLES: dict[str, str] = {
     "organizations": """
@@ -132,8 +135,17 @@ TABLES: dict[str, str] = {
         delivered_at TIMESTAMP,
         next_attempt_at TIMESTAMP,
         batch_id VARCHAR,
-        -- sent without an answer: the application may have applied it (only a newer change of its key replaces it)
-        in_doubt BOOLEAN NOT NULL DEFAULT false
+        -- the application's state of this key is unknown: this change (or the one it replaces) was sent without an
+        -- answer, and the application may have applied it (only a newer change of its key replaces it)
+        in_doubt BOOLEAN NOT NULL DEFAULT false,
+        -- why a held change is held: 'mass deprovisioning guard' (until approved) or 'directory disabled'
+        hold_reason VARCHAR,
+        -- when it last became dead
+        dead_at TIMESTAMP,
+        -- attempts already made when it was last revived from dead: it gets max_attempts more after that
+        attempts_at_revival INTEGER DEFAULT 0,
+        -- the in-doubt change this one re-derived from the desired state at send time (it was never sent again)
+        replaces VARCHAR
     """,
     "webhook_events": """
         event_id VARCHAR,
@@ -158,7 +170,11 @@ TABLES: dict[str, str] = {
         organization_id VARCHAR PRIMARY KEY,
         deprovision_threshold DOUBLE,
         approved_at TIMESTAMP,
-        deprovision_min_users INTEGER
+        deprovision_min_users INTEGER,
+        deprovision_window_hours DOUBLE
+    """,
+    "schema_version": """
+        version INTEGER NOT NULL
     """,
 }
 
@@ -191,12 +207,35 @@ VIEWS: dict[str, str] = {
 }
 
 
+# What brings a file of an older version up to date, per version. Every statement is idempotent (a new file already
+# has the columns), so they simply all run whenever a process first opens a file.
+UPGRADES: dict[int, list[str]] = {
+    2: [
+        "ALTER TABLE change_sets ADD COLUMN IF NOT EXISTS hold_reason VARCHAR",
+        "ALTER TABLE change_sets ADD COLUMN IF NOT EXISTS dead_at TIMESTAMP",
+        "ALTER TABLE change_sets ADD COLUMN IF NOT EXISTS attempts_at_revival INTEGER DEFAULT 0",
+        "ALTER TABLE change_sets ADD COLUMN IF NOT EXISTS replaces VARCHAR",
+        "ALTER TABLE organization_settings ADD COLUMN IF NOT EXISTS deprovision_window_hours DOUBLE",
+        # Before version 2 only the guard held changes, and a dead change did not say since when.
+        "UPDATE change_sets SET hold_reason = 'mass deprovisioning guard' WHERE status = 'held' AND hold_reason IS NULL",
+        "UPDATE change_sets SET dead_at = created_at WHERE status = 'dead' AND dead_at IS NULL",
+    ],
+}
+
+
 def create_all(con: duckdb.DuckDBPyConnection) -> None:
-    """Create every table that does not exist yet, and (re)define the views (idempotent)."""
+    """Create every table that does not exist yet, bring older tables up to date, and (re)define the views
+    (idempotent)."""
     for name, columns in TABLES.items():
         added = ADDED_COLUMNS.get(name, {})
         con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns}{''.join(f', {c} {t}' for c, t in added.items())})")
         for column, type_ in added.items():
             con.execute(f"ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {column} {type_}")
+    for version in sorted(UPGRADES):
+        for statement in UPGRADES[version]:
+            con.execute(statement)
+    if con.execute("SELECT max(version) FROM schema_version").fetchall()[0][0] != SCHEMA_VERSION:
+        con.execute("DELETE FROM schema_version")
+        con.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
     for name, query in VIEWS.items():
         con.execute(f"CREATE OR REPLACE VIEW {name} AS {query}")

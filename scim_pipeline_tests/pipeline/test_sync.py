@@ -171,3 +171,32 @@ def test_sql_is_read_only_and_formats(world, capsys):
     assert main(["sql", "DELETE FROM directory_users"]) == 1
     assert "read-only" in capsys.readouterr().err.lower()
     assert query("SELECT count(*) AS n FROM directory_users").n[0] == 90
+
+
+def test_changes_dead_during_an_application_outage_are_delivered_by_the_next_full_sync(world):
+    from scim_pipeline.definitions import defs
+    from scim_pipeline.defs.instance import dagster_instance
+    from scim_pipeline.devstack import services
+
+    run_sync(say=lambda _: None)
+    org = world.emulator.state()["organizations"][0]
+    leavers = [u for u in org["users"] if u["active"]][:3]
+    world.app.stop()  # the application goes down
+    world.emulator.mutate([{"op": "deactivate_user", "user_id": u["id"]} for u in leavers])
+    run_sync(delivery_backoff_s=0, say=lambda _: None)
+    outage = defs.resolve_job_def("deliver_changes").execute_in_process(
+        instance=dagster_instance(), run_config={"ops": {"deliver": {"config": {"max_attempts": 2, "backoff_s": 0}}}})
+    assert outage.success
+    dead = query("SELECT entity_key, op FROM change_sets WHERE status = 'dead'")
+    assert {u["id"] for u in leavers} <= set(dead.entity_key) and (dead.op == "deactivate").sum() == 3
+
+    app = services.start("app", [], world.home, port=world.app.port)  # back, at the same address
+    try:
+        run_sync(say=lambda _: None)  # the reconciliation tries them again, under the same change ids
+        assert query("SELECT count(*) AS n FROM change_sets WHERE status = 'dead'").n[0] == 0
+        assert world.differences() == []
+        app_users = {u["user_id"]: u for u in world.app_state()["users"]}
+        assert not any(app_users[u["id"]]["active"] for u in leavers)
+        assert world.app_stats()["max_applications"] == 1
+    finally:
+        app.stop()

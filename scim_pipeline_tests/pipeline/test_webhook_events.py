@@ -7,6 +7,7 @@ import sys
 import time
 
 import dagster as dg
+import pytest
 import httpx
 
 from scim_pipeline.devstack import services
@@ -287,5 +288,35 @@ def test_a_failed_incremental_run_is_asked_for_again_and_its_events_reach_the_ap
         snapshot = again.asset_materializations_for_node("directory_snapshot")[0].metadata
         assert snapshot["events"].value == 0
         assert query("SELECT count(*) AS n FROM webhook_events").n[0] == len(results[0]["event_ids"])
+    finally:
+        receiver.stop()
+
+
+@pytest.mark.world(orgs=1, users_per_org=60)
+def test_deletions_spread_over_webhook_runs_are_held_once_they_add_up_past_the_guard(world):
+    from scim_pipeline.cli import main
+
+    receiver = start_receiver(world)
+    try:
+        run_sync(say=lambda _: None)
+        org = world.emulator.state()["organizations"][0]
+        active = sorted((u for u in org["users"] if u["active"]), key=lambda u: u["id"])
+        limit = max(10, int(0.2 * len(active)))  # role_mappings.yaml: threshold 0.2, min_users 10
+        cursor = None
+        for run in range(5):  # five runs of three deletions: each small, together past the limit
+            results = world.emulator.mutate([{"op": "delete_user", "user_id": u["id"]}
+                                             for u in active[run * 3:run * 3 + 3]])
+            wait_for_inbox({e for r in results for e in r["event_ids"]})
+            cursor = apply_webhooks(cursor)
+        shown = {u["user_id"] for u in world.app_state()["users"]}
+        gone = [u for u in active[:15] if u["id"] not in shown]
+        held = query("SELECT entity_key, hold_reason FROM change_sets WHERE status = 'held' AND op = 'delete'")
+        assert 0 < len(gone) <= limit and len(gone) + len(held) == 15
+        assert set(held.hold_reason) == {"mass deprovisioning guard"}
+
+        assert main(["approve", "--org", org["id"]]) == 0
+        deliver = defs.resolve_job_def("deliver_changes")
+        assert deliver.execute_in_process(instance=dagster_instance()).success
+        assert world.differences() == []
     finally:
         receiver.stop()

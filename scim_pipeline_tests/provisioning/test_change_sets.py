@@ -1,7 +1,9 @@
 from scim_pipeline.provisioning.role_mapping import GuardSettings, parse_role_mapping
 from scim_pipeline.provisioning.change_sets import approve, compute_change_sets
 from scim_pipeline.provisioning.derive import derive_memberships, derive_roles
-from scim_pipeline.provisioning.ledger import ready_changes, record_failure, record_results
+from scim_pipeline.provisioning.ledger import (
+    ready_changes, record_failure, record_results, rederive_in_doubt, revive_dead,
+)
 
 from .conftest import T0, add_group, add_member, add_user, at
 
@@ -254,3 +256,221 @@ def test_all_organizations_in_one_pass_equals_one_call_each(tmp_path):
     each = run("each.duckdb", per_org="each")
     assert run("all.duckdb", per_org="all") == each
     assert run("listed.duckdb", per_org="listed") == each
+
+
+def hold_reasons(con):
+    return dict(con.execute("SELECT hold_reason, count(*) FROM change_sets WHERE status = 'held' GROUP BY 1").fetchall())
+
+
+def test_guard_counts_deprovisions_across_runs_within_the_window(con):
+    org_of(con, 100)  # threshold 20% of 100 active users, and more than 10
+    deleted = []
+    for run in range(6):  # six runs of 10 deletions each, each delivered before the next
+        batch = [f"u{i:03}" for i in range(run * 10, run * 10 + 10)]
+        deleted += batch
+        con.execute("UPDATE directory_users SET deleted_at = ? WHERE list_contains(?, user_id)", [T0, batch])
+        sync(con, at(60 * (run + 1)), GuardSettings())
+        deliver_all(con, now=at(60 * (run + 1) + 1))
+    gone = {u for u, _, _ in delivered(con)["users"]} ^ {f"u{i:03}" for i in range(100)}
+    assert len(gone) == 20  # two runs fit in 20% of 100; the third trips the guard for the rest
+    assert con.execute("SELECT count(*) FROM change_sets WHERE status = 'held' AND op = 'delete'").fetchall()[0][0] == 40
+    assert hold_reasons(con) == {"mass deprovisioning guard": 80}  # the deletes and the default-role revocations
+    # The deletions that tripped it keep counting while their successors wait: nothing is released by time passing.
+    assert sync(con, at(60 * 24 * 3), GuardSettings())["held"] == 80
+    assert approve(con, "org_a", at(60 * 24 * 3 + 1)) == 80
+    assert len(deliver_all(con, now=at(60 * 24 * 3 + 2))) == 80
+    # Approved deprovisions no longer count: the next small one goes through.
+    con.execute("UPDATE directory_users SET deleted_at = ? WHERE user_id IN ('u070', 'u071')", [T0])
+    assert sync(con, at(60 * 24 * 3 + 3), GuardSettings())["held"] == 0
+
+
+def test_guard_window_forgets_deprovisions_older_than_its_hours(con):
+    org_of(con, 100)
+    con.execute("UPDATE directory_users SET active = false WHERE user_id < 'u015'")
+    assert sync(con, at(1), GuardSettings())["held"] == 0
+    deliver_all(con, now=at(2))
+    con.execute("UPDATE directory_users SET active = false WHERE user_id BETWEEN 'u015' AND 'u024'")
+    mapping = parse_role_mapping("deprovision_guard: {window_hours: 2}\n")
+    assert sync(con, at(3 * 60), mapping)["held"] == 0  # the first 15 left the 2-hour window
+    con.execute("UPDATE directory_users SET active = false WHERE user_id BETWEEN 'u025' AND 'u034'")
+    assert sync(con, at(3 * 60 + 1), mapping)["guard_tripped"] == ["org_a"]  # 20 pending + 10 new within 2 hours
+
+
+def test_guard_holds_a_group_rename_that_strips_a_role_from_every_member(con):
+    add_group(con, "g_eng", "Engineering")
+    for i in range(30):
+        add_user(con, f"u{i:02}")
+        add_member(con, "g_eng", f"u{i:02}")
+    sync(con, T0)
+    deliver_all(con)
+    con.execute("UPDATE directory_groups SET display_name = 'Platform' WHERE group_id = 'g_eng'")
+    counts = sync(con, at(2), GuardSettings())
+    assert counts["role.revoke"] == 30 and counts["role.grant"] == 30  # developer goes, the default role comes
+    assert counts["guard_tripped"] == ["org_a"]
+    assert ledger(con, "held") == [("role", "revoke", f"u{i:02}/developer", "held") for i in range(30)]
+    assert {c["op"] for c in ready_changes(con, "org_a", at(3), max_attempts=5)} == {"grant"}
+    assert approve(con, "org_a", at(4)) == 30
+    assert len(deliver_all(con, now=at(5))) == 60
+
+
+def test_guard_counts_membership_removals_across_runs(con):
+    add_group(con, "g_ops", "Ops")
+    for i in range(100):
+        add_user(con, f"u{i:03}")
+        add_member(con, "g_ops", f"u{i:03}")
+    sync(con, T0)
+    deliver_all(con)
+    for run in range(3):  # 8 users leave the group per run: 16 within 20% of 100, 24 over it
+        con.execute("DELETE FROM directory_user_groups WHERE user_id BETWEEN ? AND ?",
+                    [f"u{run * 8:03}", f"u{run * 8 + 7:03}"])
+        counts = sync(con, at(10 * (run + 1)), GuardSettings())
+        deliver_all(con, now=at(10 * (run + 1) + 1))
+    assert counts["guard_tripped"] == ["org_a"] and counts["held"] == 8
+    assert len(delivered(con)["memberships"]) == 100 - 16
+
+
+def test_changes_of_a_disabled_directory_are_held_until_it_is_enabled(con):
+    con.execute("INSERT INTO directories (directory_id, organization_id, enabled) VALUES ('dir_1', 'org_a', true)")
+    baseline(con)
+    con.execute("UPDATE directories SET enabled = false")
+    add_user(con, "u1", active=False)
+    assert sync(con, at(3))["held"] == 1
+    assert hold_reasons(con) == {"directory disabled": 1}
+    assert ready_changes(con, "org_a", at(4), max_attempts=5) == []
+    assert approve(con, "org_a", at(5)) == 0  # approval is the guard's; the directory's hold is not released by it
+    assert hold_reasons(con) == {"directory disabled": 1}
+    con.execute("UPDATE directories SET enabled = true")
+    assert sync(con, at(6))["held"] == 0
+    assert [c["op"] for c in ready_changes(con, "org_a", at(7), max_attempts=5)] == ["deactivate"]
+
+
+def kill(con, change_id, when, max_attempts=3, error="503 Service Unavailable"):
+    """Fail a change until it is dead (transport failures: in doubt)."""
+    for _ in range(max_attempts):
+        record_failure(con, [change_id], error, when, max_attempts=max_attempts, backoff_s=1)
+    return con.execute("SELECT status, attempts, dead_at FROM change_sets WHERE change_id = ?", [change_id]).fetchall()[0]
+
+
+def user_change(con, user_id, now, max_attempts=3):
+    (change,) = [c for c in ready_changes(con, "org_a", now, max_attempts=max_attempts) if c["key"] == user_id]
+    return change
+
+
+def test_a_full_sync_revives_dead_changes_still_wanted_with_fresh_attempts(con):
+    baseline(con)
+    add_user(con, "u1", active=False)
+    sync(con, at(3))
+    cid = user_change(con, "u1", at(3))["change_id"]
+    assert kill(con, cid, at(4)) == ("dead", 3, at(4))
+    assert sync(con, at(5))["revived"] == 0  # an incremental run leaves it dead
+    derive(con)
+    counts = compute_change_sets(con, "org_a", at(6), full=True)
+    assert counts["revived"] == 1 and counts["inserted"] == 0  # the same change, the same id
+    change = user_change(con, "u1", at(6))
+    assert change["change_id"] == cid and change["attempts"] == 3  # attempts keep counting: a new request each time
+    assert kill(con, cid, at(7))[:2] == ("dead", 6)  # a fresh round of 3
+    record_results(con, [{"change_id": cid, "status": "applied"}], at(8))
+    assert delivered(con)["users"][0] == ("u1", "u1@example.com", False)
+
+
+def test_dead_changes_no_longer_wanted_are_superseded_not_revived(con):
+    baseline(con)
+    add_member(con, "g_ops", "u2")
+    sync(con, at(3))
+    (add,) = [c for c in ready_changes(con, "org_a", at(3), max_attempts=3) if c["op"] == "add"]
+    for _ in range(3):  # rejected every time: known not applied
+        record_results(con, [{"change_id": add["change_id"], "status": "rejected", "error": "no"}], at(3), max_attempts=3)
+    assert con.execute("SELECT status FROM change_sets WHERE change_id = ?", [add["change_id"]]).fetchall()[0] == ("dead",)
+    con.execute("DELETE FROM directory_user_groups WHERE user_id = 'u2'")
+    derive(con)
+    counts = compute_change_sets(con, "org_a", at(4), full=True)
+    assert counts["revived"] == 0 and counts["superseded"] == 1
+
+
+def test_revive_dead_after_a_cool_down_once_the_organization_was_delivered_to_again(con):
+    baseline(con)
+    add_user(con, "u1", active=False)
+    sync(con, at(3))
+    cid = user_change(con, "u1", at(3))["change_id"]
+    kill(con, cid, at(10))
+    assert revive_dead(con, "org_a", at(30), died_before=at(15), delivered_since=True) == {}  # nothing delivered since
+    add_user(con, "u3")
+    sync(con, at(20))
+    deliver_all(con, now=at(21))  # the application answers again
+    assert revive_dead(con, "org_a", at(22), died_before=at(22 - 15), delivered_since=True) == {}  # cooling down
+    assert revive_dead(con, "org_a", at(26), died_before=at(26 - 15), delivered_since=True) == {"org_a": 1}
+    assert user_change(con, "u1", at(26))["change_id"] == cid
+
+
+def test_an_in_doubt_change_the_directory_undid_is_replaced_by_the_current_record(con):
+    baseline(con)
+    add_user(con, "u2", active=False)
+    sync(con, at(3))
+    stale = user_change(con, "u2", at(3), max_attempts=5)
+    record_failure(con, [stale["change_id"]], "timed out", at(3), max_attempts=5, backoff_s=1)
+    add_user(con, "u2", active=True)  # the directory changed its mind
+    sync(con, at(4))  # the diff against what was acknowledged is empty for u2: the in-doubt change stays
+    assert rederive_in_doubt(con, "org_a", at(5)) == {"kept": 0, "replaced": 1}
+    sent = deliver_all(con, now=at(6))
+    assert stale["change_id"] not in [c["change_id"] for c in sent]
+    (reassert,) = [c for c in sent if c["key"] == "u2"]
+    assert reassert["op"] == "reactivate" and reassert["data"]["active"] is True
+    assert con.execute("SELECT status FROM change_sets WHERE change_id = ?", [stale["change_id"]]).fetchall()[0] == (
+        "superseded",)
+    assert con.execute("SELECT replaces FROM change_sets WHERE change_id = ?", [reassert["change_id"]]).fetchall()[0] == (
+        stale["change_id"],)
+    assert sync(con, at(7))["total"] == 0
+
+
+def test_an_in_doubt_change_still_wanted_is_sent_as_is(con):
+    baseline(con)
+    add_user(con, "u2", active=False)
+    add_member(con, "g_ops", "u1")
+    sync(con, at(3))
+    ready = ready_changes(con, "org_a", at(3), max_attempts=5)
+    record_failure(con, [c["change_id"] for c in ready], "timed out", at(3), max_attempts=5, backoff_s=1)
+    assert rederive_in_doubt(con, "org_a", at(4)) == {"kept": len(ready), "replaced": 0}
+    assert sorted(c["change_id"] for c in deliver_all(con, now=at(10))) == sorted(c["change_id"] for c in ready)
+
+
+def test_an_in_doubt_delete_undone_recreates_the_user_with_memberships_and_roles(con):
+    baseline(con)
+    add_user(con, "u1", deleted=True)
+    sync(con, at(3))
+    doubtful = [c["change_id"] for c in ready_changes(con, "org_a", at(3), max_attempts=5)]
+    record_failure(con, doubtful, "timed out", at(3), max_attempts=5, backoff_s=1)  # remove, revoke, delete
+    add_user(con, "u1")  # back
+    sync(con, at(4))
+    assert rederive_in_doubt(con, "org_a", at(5)) == {"kept": 0, "replaced": 3}
+    sent = deliver_all(con, now=at(6))
+    assert sorted((c["entity"], c["op"]) for c in sent) == [("membership", "add"), ("role", "grant"), ("user", "create")]
+    # The application may have deleted u1's memberships and roles with it: the next diff sends them again.
+    assert sync(con, at(7))["total"] == 0 or delivered(con)["memberships"] == [("g_eng", "u1")]
+    deliver_all(con, now=at(8))
+    assert delivered(con) == {"users": [("u1", "u1@example.com", True), ("u2", "u2@example.com", True)],
+                              "memberships": [("g_eng", "u1")], "roles": [("u1", "developer"), ("u2", "member")]}
+
+
+def test_changes_never_sent_wait_without_spending_an_attempt_and_a_named_retry_time_is_kept(con):
+    add_user(con, "u1")
+    add_user(con, "u2")
+    sync(con, T0)
+    c1, c2 = [c["change_id"] for c in ready_changes(con, "org_a", T0, max_attempts=5) if c["entity"] == "user"]
+    record_failure(con, [c1], "HTTP 429: slow down", T0, in_doubt=False, retry_at=at(60))
+    record_failure(con, [c2], "not sent: an earlier batch was not delivered", T0, retry_at=at(60), attempted=False)
+    rows = con.execute("SELECT change_id, status, attempts, next_attempt_at, in_doubt FROM change_sets "
+                       "WHERE change_id IN (?, ?) ORDER BY change_id = ?", [c1, c2, c2]).fetchall()
+    assert rows == [(c1, "failed", 1, at(60), False), (c2, "failed", 0, at(60), False)]
+    users = lambda now: [c for c in ready_changes(con, "org_a", now, max_attempts=5) if c["entity"] == "user"]  # noqa: E731
+    assert users(at(59)) == [] and len(users(at(60))) == 2
+
+
+def test_guard_does_not_count_deleting_users_deactivated_long_ago(con):
+    org_of(con, 100)
+    con.execute("UPDATE directory_users SET active = false WHERE user_id < 'u015'")
+    sync(con, at(1), GuardSettings())
+    deliver_all(con, now=at(2))
+    # A month later the directory deletes those leavers and 10 active users: 10 deprovisions, not 25.
+    con.execute("UPDATE directory_users SET deleted_at = ? WHERE user_id < 'u025'", [T0])
+    counts = sync(con, at(60 * 24 * 30), GuardSettings())
+    assert counts["user.delete"] == 25 and counts["guard_tripped"] == []

@@ -36,6 +36,9 @@ class Reply:
     headers: dict = field(default_factory=dict)
     body: object = None  # dict -> JSON; None -> every sent change applied
     delay: float = 0.0
+    per_change_delay: float = 0.0  # an application whose time grows with the batch
+    max_changes: int | None = None  # more changes than this in one request: 413
+    max_bytes: int | None = None  # a body longer than this: 413
 
 
 class Scripted:
@@ -50,14 +53,18 @@ class Scripted:
                 body = self.rfile.read(int(self.headers["content-length"]))
                 scripted.requests.append((self.path, dict(self.headers), body))
                 reply = scripted.replies.pop(0) if len(scripted.replies) > 1 else scripted.replies[0]
-                time.sleep(reply.delay)
-                payload = reply.body
-                if payload is None and reply.status == 200:
+                sent = json.loads(body)["changes"]
+                time.sleep(reply.delay + reply.per_change_delay * len(sent))
+                payload, status = reply.body, reply.status
+                if (reply.max_changes is not None and len(sent) > reply.max_changes) or (
+                        reply.max_bytes is not None and len(body) > reply.max_bytes):
+                    payload, status = {"error": "request entity too large"}, 413
+                if payload is None and status == 200:
                     payload = {"results": [{"change_id": c["change_id"], "status": "applied", "error": None}
                                            for c in json.loads(body)["changes"]]}
                 out = payload if isinstance(payload, bytes) else json.dumps(payload or {"error": "x"}).encode()
                 try:
-                    self.send_response(reply.status)
+                    self.send_response(status)
                     for k, v in reply.headers.items():
                         self.send_header(k, v)
                     self.send_header("content-length", str(len(out)))
@@ -190,11 +197,15 @@ def test_retry_after_is_honoured_and_retries_resend_the_same_batch():
                Reply(429, {"Retry-After": "3600"}), Reply(200)]
     sleeps = Sleeps()
     with Scripted(replies) as server, client(server.url, sleeps, backoff_base=0.5, backoff_max=30) as c:
-        assert [r.status for r in c.send_batch("org_1", CHANGES)] == ["applied", "applied"]
+        # An hour is longer than the client waits within a request: the send ends with the time to come back.
+        with pytest.raises(DeliveryUnavailable, match="asked to wait 3600s") as err:
+            c.send_batch("org_1", CHANGES)
+        assert err.value.retry_after == 3600 and err.value.maybe_applied  # the 503 and the 500 may have applied it
+        assert [r.status for r in c.send_batch("org_1", CHANGES)] == ["applied", "applied"]  # a later delivery
     assert sleeps[0] == 2.0
     assert 5.0 <= sleeps[1] <= 7.0
     assert 0.0 <= sleeps[2] <= 0.5 * 2 ** 2  # no Retry-After: full jitter up to base * 2^(attempt-1)
-    assert sleeps[3] == 30  # capped at backoff_max
+    assert len(sleeps) == 3  # the hour was not slept on
     assert len(server.requests) == 5
     bodies = {body for _, _, body in server.requests}
     keys = {headers["idempotency-key"] for _, headers, _ in server.requests}
@@ -220,9 +231,10 @@ def test_an_unreachable_application_is_unavailable_quickly():
 
 def test_timeouts_are_retried_then_unavailable():
     with Scripted([Reply(200, delay=0.5)]) as server, client(server.url, timeout=0.1, max_attempts=2) as c:
-        with pytest.raises(DeliveryUnavailable, match="timed out"):
-            c.send_batch("org_1", CHANGES)
+        with pytest.raises(DeliveryUnavailable, match="timed out") as err:
+            c.send_batch("org_1", CHANGES[:1])  # one change: nothing to split, so the same request again
         assert len(server.requests) == 2
+        assert err.value.maybe_applied and err.value.retry_after is None
 
 
 def test_other_4xx_are_rejected_and_not_retried():
@@ -249,6 +261,8 @@ def test_deliver_changes_stops_at_the_first_batch_not_delivered():
     assert [r.status for r in results] == ["applied"] * 2 + ["failed"] * 3
     assert "HTTP 503" in results[-1].error
     assert len(server.requests) == 3  # the third batch was never tried
+    # The batch that got a 5xx may have been applied; the one never tried was not, and was not attempted.
+    assert [(r.sent, r.in_doubt) for r in results[2:]] == [(True, True), (True, True), (False, False)]
 
 
 def test_ledger_rows_are_accepted():
@@ -280,3 +294,70 @@ def test_the_dagster_resource_reads_the_settings(home):
     with ApplicationResource(url="http://127.0.0.1:10", max_attempts=2).client() as c:
         assert c.url == "http://127.0.0.1:10" and c.max_attempts == 2
     assert SECRET not in repr(ApplicationResource().client())
+
+
+def test_a_batch_too_large_is_halved_down_to_what_the_application_takes():
+    changes = [change(f"c{i}", "user", "create", user(f"u{i}")) for i in range(10)]
+    sleeps = Sleeps()
+    with Scripted([Reply(200, max_changes=3)]) as server, client(server.url, sleeps) as c:
+        results = send_changes(c, "org_1", changes, batch_size=10)
+    assert [r.status for r in results] == ["applied"] * 10
+    sizes = [len(json.loads(body)["changes"]) for _, _, body in server.requests]
+    assert sizes == [10, 5, 2, 2, 2, 2, 2]  # halved until it fits, then kept at the size that went through
+    assert sleeps == []  # splitting is the retry: nothing waited
+
+
+def test_a_single_change_still_too_large_is_rejected_and_the_others_go_through():
+    big = change("big", "user", "create", user("u_big", given_name="x" * 5000))
+    changes = [change(f"c{i}", "user", "create", user(f"u{i}")) for i in range(4)]
+    with Scripted([Reply(200, max_bytes=3000)]) as server, client(server.url) as c:
+        results = send_changes(c, "org_1", changes[:2] + [big] + changes[2:], batch_size=8)
+    by_id = {r.change_id: r for r in results}
+    assert by_id["big"].status == "rejected" and by_id["big"].error.startswith("HTTP 413")
+    assert all(by_id[f"c{i}"].status == "applied" for i in range(4))
+    assert len(results) == 5
+
+
+def test_a_batch_slower_than_the_timeout_is_split_until_it_is_answered_in_time():
+    changes = [change(f"c{i}", "user", "create", user(f"u{i}")) for i in range(24)]
+    sleeps = Sleeps()
+    with Scripted([Reply(200, per_change_delay=0.05)]) as server, client(server.url, sleeps, timeout=0.6) as c:
+        results = send_changes(c, "org_1", changes, batch_size=16)
+    assert [r.status for r in results] == ["applied"] * 24
+    sizes = [len(json.loads(body)["changes"]) for _, _, body in server.requests]
+    assert sizes == [16, 8, 8, 8]  # 16 changes take 0.8 s: halved once, then kept at 8
+    assert sleeps == []
+
+
+def test_a_long_retry_after_ends_the_send_without_sleeping_and_marks_nothing_in_doubt():
+    changes = [change(f"c{i}", "user", "create", user(f"u{i}")) for i in range(4)]
+    sleeps = Sleeps()
+    with Scripted([Reply(429, {"Retry-After": "120"})]) as server, client(server.url, sleeps) as c:
+        results = send_changes(c, "org_1", changes, batch_size=2)
+    assert sleeps == [] and len(server.requests) == 1
+    assert [(r.status, r.sent, r.in_doubt, r.retry_after) for r in results] == [
+        ("failed", True, False, 120.0), ("failed", True, False, 120.0),  # rate-limited: not applied
+        ("failed", False, False, None), ("failed", False, False, None)]  # never sent
+
+
+def test_a_refused_request_rejects_its_changes_and_stops_the_later_batches():
+    changes = [change(f"c{i}", "user", "create", user(f"u{i}")) for i in range(4)]
+    with Scripted([Reply(422, body={"error": "unprocessable: nope"})]) as server, client(server.url) as c:
+        results = send_changes(c, "org_1", changes, batch_size=2)
+    assert len(server.requests) == 1
+    assert [(r.status, r.sent) for r in results] == [("rejected", True)] * 2 + [("failed", False)] * 2
+    assert results[0].error.startswith("HTTP 422: ") and "unprocessable: nope" in results[0].error
+    assert not any(r.in_doubt for r in results)
+
+
+def test_408_is_retried_like_a_timeout():
+    with Scripted([Reply(408), Reply(200)]) as server, client(server.url) as c:
+        assert [r.status for r in c.send_batch("org_1", CHANGES[:1])] == ["applied"]
+        assert len(server.requests) == 2
+
+
+def test_a_change_the_answer_does_not_account_for_is_in_doubt():
+    answer = {"results": [{"change_id": "c2", "status": "queued"}]}
+    with Scripted([Reply(200, body=answer)]) as server, client(server.url) as c:
+        results = c.send_batch("org_1", CHANGES)
+    assert [(r.status, r.in_doubt) for r in results] == [("failed", True), ("failed", True)]

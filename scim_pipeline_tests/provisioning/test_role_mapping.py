@@ -160,3 +160,22 @@ def test_memberships_only_for_live_users_and_groups(con):
     assert rows == [("g_adm", "u_admin", "IT Admins"), ("g_eng", "u_eng", "engineering - Platform"),
                     ("g_eng", "u_off", "engineering - Platform")]
     assert con.execute("SELECT count(*) FROM group_memberships WHERE organization_id = 'org_b'").fetchall()[0] == (1,)
+
+
+def test_guard_window_settings_and_their_errors(tmp_path):
+    mapping = load_role_mapping(write(tmp_path, """
+deprovision_guard: {threshold: 0.3, min_users: 4, window_hours: 12}
+organizations:
+  org_b: {deprovision_window_hours: 48}
+  org_c: {deprovision_threshold: 0.5}
+"""))
+    assert mapping.guard == GuardSettings(0.3, 4, 12.0)
+    assert mapping.guard_for("org_b") == GuardSettings(0.3, 4, 48.0)
+    assert mapping.guard_for("org_c") == GuardSettings(0.5, 4, 12.0)
+    assert parse_role_mapping("default_role: x\n").guard.window_hours == 24.0
+    with pytest.raises(RoleMappingError, match=r":3: deprovision_guard.window_hours must be a positive number"):
+        parse_role_mapping("deprovision_guard:\n  threshold: 0.2\n  window_hours: 0\n")
+    with pytest.raises(RoleMappingError, match=r":2: deprovision_guard: unknown key 'window'"):
+        parse_role_mapping("deprovision_guard:\n  window: 3\n")
+    with pytest.raises(RoleMappingError, match=r":3: organizations.org_a: unknown key 'window_hours'"):
+        parse_role_mapping("organizations:\n  org_a:\n    window_hours: 3\n")

@@ -18,6 +18,8 @@ from scim_pipeline.scalekit import ids
 from scim_pipeline.scalekit.directory_api import ScalekitError
 from scim_pipeline.lib.clock import utcnow
 from scim_pipeline.warehouse.directory_sync import sync_organizations
+from scim_pipeline.provisioning.change_sets import apply_directory_holds
+from scim_pipeline.provisioning.outbox_index import OutboxIndex
 from scim_pipeline.receiver.inbox import Inbox
 from scim_pipeline.defs.resources import ScalekitResource
 from scim_pipeline.warehouse.connection import Warehouse
@@ -48,8 +50,11 @@ def scalekit_catalog(context: dg.AssetExecutionContext, scalekit: ScalekitResour
     with warehouse.write() as con:
         upsert_organizations(con, orgs, now)
         upsert_directories(con, directories, now, listed_at)
+        # A directory switched off or on again: its users' changes are held, or released for the delivery sensor.
+        holds = apply_directory_holds(con, None)
         org_preview = preview(con, "SELECT organization_id, display_name, external_id FROM organizations ORDER BY 1")
         dir_preview = preview(con, "SELECT directory_id, organization_id, provider, enabled, total_users FROM directories ORDER BY 2")
+    OutboxIndex(settings().outbox_index_path).mark_ready(holds["released_orgs"], now)
     context.log.info(f"{len(orgs)} organizations, {len(directories)} directories")
     yield dg.MaterializeResult(asset_key="organizations", metadata={
         "dagster/row_count": len(orgs), "preview": org_preview,

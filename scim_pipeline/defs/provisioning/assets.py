@@ -68,7 +68,7 @@ def provisioning(context: dg.AssetExecutionContext, warehouse: dg.ResourceParam[
         if "directory_users_history" in selected:
             metadata["directory_users_history"] = _history(con, orgs, now)
         if "change_sets" in selected:
-            metadata["change_sets"], ready = _change_sets(con, orgs, now, mapping)
+            metadata["change_sets"], ready = _change_sets(con, orgs, now, mapping, _reads_the_directory(context))
 
     if "change_sets" in selected:
         # When this run delivers them itself (the webhook path), the mark is only a safety net for what it cannot
@@ -114,10 +114,19 @@ def _history(con, orgs: list[str], now) -> dict:
     return {"dagster/row_count": rows, "intervals_opened": opened, "intervals_closed": closed}
 
 
-def _change_sets(con, orgs: list[str], now, mapping: RoleMapping) -> tuple[dict, list[str]]:
+def _reads_the_directory(context: dg.AssetExecutionContext) -> bool:
+    """Whether this run re-reads its organizations from Scalekit (a full sync, the reconciliation): then the dead
+    changes still wanted get a fresh round of attempts."""
+    if dg.AssetKey("directory_users") not in context.job_def.asset_layer.selected_asset_keys:
+        return False
+    ops = (context.run.run_config or {}).get("ops") or {}
+    return ((ops.get("directory_snapshot") or {}).get("config") or {}).get("mode", "full") == "full"
+
+
+def _change_sets(con, orgs: list[str], now, mapping: RoleMapping, full: bool) -> tuple[dict, list[str]]:
     """The change sets' metadata, and the organizations with changes ready to send."""
     params = {"orgs": orgs}
-    diff = compute_change_sets(con, orgs, now, mapping)  # one pass over every organization of the run
+    diff = compute_change_sets(con, orgs, now, mapping, full=full)  # one pass over every organization of the run
     tripped = diff.pop("guard_tripped")
     status = dict(con.execute(
         f"SELECT status, count(*) FROM change_sets WHERE {IN_ORGS} GROUP BY 1", params).fetchall())
@@ -128,8 +137,8 @@ def _change_sets(con, orgs: list[str], now, mapping: RoleMapping) -> tuple[dict,
         **{f"diff/{k}": v for k, v in sorted(diff.items())},
         **{f"status/{k}": v for k, v in sorted(status.items())},
         "guard_tripped": dg.MetadataValue.json(tripped),
-        "preview": preview(con, f"""SELECT organization_id, entity, op, entity_key, status, attempts, last_error
-            FROM change_sets WHERE {IN_ORGS} AND status NOT IN ('delivered', 'superseded')
+        "preview": preview(con, f"""SELECT organization_id, entity, op, entity_key, status, hold_reason, attempts,
+            last_error FROM change_sets WHERE {IN_ORGS} AND status NOT IN ('delivered', 'superseded')
             ORDER BY created_at DESC""", params),
     }
     return metadata, ready

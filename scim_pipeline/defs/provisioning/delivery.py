@@ -1,8 +1,9 @@
 """Delivery: the ledger is an outbox, and this is its only way out (``provisioning.delivery``).
 
 The delivery sensor reads the outbox index (SQLite; never DuckDB) for organizations whose changes are ready —
-change sets just computed by a full sync, failed changes whose backoff has passed, held changes just approved — and
-launches one small in-process run that delivers them all. The webhook path delivers its organization's changes as
+change sets just computed by a full sync, failed changes whose backoff has passed, held changes just approved, dead
+changes revived, deliveries that died under their lease — and launches one small in-process run that delivers them
+all. The webhook path delivers its organization's changes as
 the last step of its own run (the ``delivered_state`` asset), sparing a leaver a second sensor hop and run start-up;
 the outbox index keeps a later mark for it, so whatever that step could not send goes out through the sensor.
 An application that is down fails nothing upstream: its changes wait in the ledger.
@@ -14,7 +15,7 @@ from scim_pipeline.provisioning.delivery import DeliveryPolicy, deliver_ready
 from scim_pipeline.config import settings
 from scim_pipeline.defs.partitions import organizations_partitions
 from scim_pipeline.lib.clock import utcnow
-from scim_pipeline.provisioning.outbox_index import OutboxIndex
+from scim_pipeline.provisioning.outbox_index import Lease, OutboxIndex
 from scim_pipeline.defs.resources import ApplicationResource
 from scim_pipeline.warehouse.connection import Warehouse
 
@@ -24,19 +25,25 @@ class DeliveryConfig(dg.Config):
     max_attempts: int = 8
     backoff_s: float = 30.0
     batch_size: int = 500
+    dead_cooldown_s: float = 900.0  # a dead change is tried again this long after it died, once the application answers
 
 
-def _deliver(context, config: DeliveryConfig, orgs: list[str], warehouse: dg.ResourceParam[Warehouse],
+def _deliver(context, config: DeliveryConfig, orgs: list[str], lease: Lease, warehouse: dg.ResourceParam[Warehouse],
              application: ApplicationResource) -> dict:
-    """Deliver these organizations' ready changes; returns the materialization metadata of ``delivered_state``."""
+    """Deliver these organizations' ready changes under the outbox lease; returns the materialization metadata of
+    ``delivered_state``. If this raises, the lease is left to run out, and the sensor delivers them again then."""
     outbox = OutboxIndex(settings().outbox_index_path)
-    policy = DeliveryPolicy(config.max_attempts, config.backoff_s, batch_size=config.batch_size)
+    policy = DeliveryPolicy(config.max_attempts, config.backoff_s, batch_size=config.batch_size,
+                            dead_cooldown_s=config.dead_cooldown_s)
     with application.client() as client:
-        report = deliver_ready(warehouse, client, orgs, outbox, policy, progress=context.log.info)
+        report = deliver_ready(warehouse, client, orgs, outbox, policy, progress=context.log.info, lease=lease)
     if report.dead:
-        context.log.error(f"{report.dead} change(s) are dead: see `scim-pipeline changes --status dead`")
+        context.log.error(f"{report.dead} change(s) are dead: see `scim-pipeline changes --status dead`; they are "
+                          "tried again after the next successful delivery, at the next full sync, or with "
+                          "`scim-pipeline retry`")
     return {
         "delivered": report.applied, "rejected": report.rejected, "failed": report.failed, "dead": report.dead,
+        "revived": report.revived, "in_doubt_rederived": report.replaced,
         "held_back_disabled_directory": report.held_back,
         **{f"delivered/{k}": v for k, v in sorted(report.sent.items())},
         "errors": dg.MetadataValue.json(report.errors),
@@ -57,8 +64,8 @@ def _deliver(context, config: DeliveryConfig, orgs: list[str], warehouse: dg.Res
 def delivered_state(context: dg.AssetExecutionContext, config: DeliveryConfig, warehouse: dg.ResourceParam[Warehouse],
                     application: ApplicationResource) -> dg.MaterializeResult:
     orgs = list(context.partition_keys)
-    OutboxIndex(settings().outbox_index_path).claim(orgs, utcnow(), due_only=False)
-    return dg.MaterializeResult(metadata=_deliver(context, config, orgs, warehouse, application))
+    lease = OutboxIndex(settings().outbox_index_path).claim(orgs, utcnow(), due_only=False)
+    return dg.MaterializeResult(metadata=_deliver(context, config, orgs, lease, warehouse, application))
 
 
 @dg.op(description="Send the ready changes of these organizations to the application and record each answer.",
@@ -67,11 +74,12 @@ def deliver(context: dg.OpExecutionContext, config: DeliveryConfig, warehouse: d
             application: ApplicationResource) -> None:
     outbox = OutboxIndex(settings().outbox_index_path)
     now = utcnow()
-    orgs = outbox.claim(config.organizations or outbox.due(now), now)
+    lease = outbox.claim(config.organizations or outbox.due(now), now)
+    orgs = lease.organizations
     if not orgs:
         context.log.info("nothing is due")
         return
-    metadata = _deliver(context, config, orgs, warehouse, application)
+    metadata = _deliver(context, config, orgs, lease, warehouse, application)
     # ``delivered_state`` has one owner, its asset (the webhook path's last step); what a delivery run sent shows on
     # the same asset's page as an observation of each organization it delivered.
     for org in orgs:
@@ -87,7 +95,7 @@ def deliver_changes():
 
 @dg.sensor(job=deliver_changes, minimum_interval_seconds=1, default_status=dg.DefaultSensorStatus.RUNNING,
            description="Launches a delivery run when changes are ready: new change sets, retries whose backoff "
-           "passed, approved held changes.")
+           "passed, approved or released held changes, dead changes tried again, deliveries whose lease ran out.")
 def delivery_sensor(context: dg.SensorEvaluationContext):
     due = OutboxIndex(settings().outbox_index_path).due(utcnow())
     if not due:
