@@ -41,7 +41,7 @@ def post_event(world, receiver, envelope: dict, webhook_id: str) -> None:
     body = json.dumps(envelope).encode()
     secret = world.emulator.env["SCALEKIT_WEBHOOK_SECRET"]
     answer = httpx.post(f"{receiver.url}/webhooks/scalekit", content=body,
-                        headers={**signed_headers(secret, webhook_id, body), "content-type": "application/json"})
+                        headers={**signed(secret, body, webhook_id), "content-type": "application/json"})
     assert answer.status_code == 200, answer.text
 
 
@@ -145,8 +145,9 @@ def test_a_disabled_directory_stops_delivery_until_it_is_enabled_again(world):
         ])
         wait_for_inbox({e for r in results for e in r["event_ids"]})
         cursor = apply_webhooks(None)
-        pending = query(f"SELECT status FROM change_sets WHERE entity_key = '{leaver['id']}' AND op = 'deactivate'")
-        assert list(pending.status) == ["pending"]
+        held = query(f"SELECT status, hold_reason FROM change_sets WHERE entity_key = '{leaver['id']}' "
+                     "AND op = 'deactivate'")
+        assert list(held.status) == ["held"] and list(held.hold_reason) == ["directory disabled"]  # and says why
         assert next(u for u in world.app_state()["users"] if u["user_id"] == leaver["id"])["active"]
 
         results = world.emulator.mutate([{"op": "enable_directory", "directory_id": directory}])
