@@ -153,8 +153,8 @@ def generate(path: Path, users: int, orgs: int, churn: float) -> dict[str, int]:
 
 
 def run_duckdb(path: str, repeat: int) -> dict:
-    from scim_pipeline.provisioning.role_mapping import GuardSettings
     from scim_pipeline.provisioning.change_sets import compute_change_sets
+    from scim_pipeline.provisioning.role_mapping import GuardSettings
 
     con = quiet(duckdb.connect(path))
     rss_open = peak_rss_mb()

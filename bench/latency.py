@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx  # noqa: E402
 
-from scim_pipeline.receiver.inbox import Inbox  # noqa: E402
 from scim_pipeline.devstack.services import free_port  # noqa: E402
 from scim_pipeline.devstack.stack import Stack  # noqa: E402
+from scim_pipeline.receiver.inbox import Inbox  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:

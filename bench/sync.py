@@ -112,7 +112,9 @@ def bare_sdk_listing(org_ids: list[str], workers: int) -> int:
     """Every organization's directories, groups and users through the bare SDK; returns the number of users seen."""
     from scalekit import ScalekitClient
     from scalekit.v1.directories.directories_pb2 import (
-        ListDirectoriesRequest, ListDirectoryGroupsRequest, ListDirectoryUsersRequest,
+        ListDirectoriesRequest,
+        ListDirectoryGroupsRequest,
+        ListDirectoryUsersRequest,
     )
 
     config = scalekit_settings()
@@ -146,8 +148,8 @@ def bare_sdk_listing(org_ids: list[str], workers: int) -> int:
 
 
 def pipeline_sync(org_ids: list[str], workers: int, folder: Path):
-    from scim_pipeline.warehouse.directory_sync import sync_organizations
     from scim_pipeline.scalekit.directory_api import DirectoryAPI
+    from scim_pipeline.warehouse.directory_sync import sync_organizations
 
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -162,9 +164,9 @@ def pipeline_sync(org_ids: list[str], workers: int, folder: Path):
 def write_alone(org_ids: list[str], workers: int, folder: Path) -> tuple[float, float, int]:
     """Spool every organization first, then time loading the spools, nothing else running."""
     from scim_pipeline.lib.clock import utcnow
-    from scim_pipeline.warehouse.directory_sync import list_organization, tune
     from scim_pipeline.scalekit.directory_api import DirectoryAPI
     from scim_pipeline.warehouse.directory import load_snapshot, upsert_directories
+    from scim_pipeline.warehouse.directory_sync import list_organization, tune
 
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -190,9 +192,9 @@ def write_alone(org_ids: list[str], workers: int, folder: Path) -> tuple[float, 
 
 def memory_child(folder: Path) -> None:
     """Sync every organization of the emulator named by the environment; print RSS figures as one JSON line."""
-    from scim_pipeline.warehouse.directory_sync import sync_organizations
     from scim_pipeline.scalekit.directory_api import DirectoryAPI
     from scim_pipeline.warehouse.connection import Warehouse
+    from scim_pipeline.warehouse.directory_sync import sync_organizations
 
     api = DirectoryAPI(scalekit_settings())
     org_ids = [o["organization_id"] for o in api.organizations()]
@@ -224,8 +226,8 @@ def measure_memory(users: int, groups: int, root: Path, timeout: float) -> dict:
 
 def dagster_sync(home: Path) -> float:
     """``run_sync`` (catalogue, directory sync, derived assets, change sets, delivery to the demo application)."""
-    from scim_pipeline.devstack import services
     from scim_pipeline.commands import run_sync
+    from scim_pipeline.devstack import services
 
     os.environ["DAGSTER_HOME"] = str(home / "dagster")
     app = services.start("app", [], home, ready=lambda s: (home / "app.env").exists()

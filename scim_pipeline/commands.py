@@ -13,13 +13,13 @@ import dagster as dg
 import pandas as pd
 
 from scim_pipeline.config import settings
-from scim_pipeline.lib.clock import utcnow
-from scim_pipeline.provisioning.outbox_index import OutboxIndex
-from scim_pipeline.warehouse.connection import Warehouse, WarehouseBusy
 from scim_pipeline.defs import warehouse_pool
 from scim_pipeline.defs.instance import dagster_instance
 from scim_pipeline.defs.run_process import HOST_TAG, PID_TAG, host, process_tags
 from scim_pipeline.defs.run_reaper import reap_dead_runs
+from scim_pipeline.lib.clock import utcnow
+from scim_pipeline.provisioning.outbox_index import OutboxIndex
+from scim_pipeline.warehouse.connection import Warehouse, WarehouseBusy
 
 QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
@@ -44,9 +44,9 @@ def run_sync(organization_ids: list[str] | None = None, delivery_backoff_s: floa
 
 def _run_sync(organization_ids: list[str] | None, delivery_backoff_s: float | None, say,
               stop: StopSignals | None) -> dict:
+    from scim_pipeline.definitions import defs
     from scim_pipeline.defs.directory.automation import orgs_per_run, partition_ranges, range_tags
     from scim_pipeline.defs.partitions import organizations_partitions
-    from scim_pipeline.definitions import defs
 
     warehouse_pool.wait_bound_s()  # a malformed bound is a configuration error now, not once a run has to wait
     instance = dagster_instance()

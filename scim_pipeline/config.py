@@ -14,6 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from dotenv import dotenv_values
 
@@ -57,6 +58,21 @@ def write_dotenv(path: Path, values: dict[str, str]) -> None:
     secrets). The lines are ``export KEY='value'``, so that a shell's ``source`` hands them to the programs it
     starts."""
     write_private(path, "".join(f"export {k}='{v}'\n" for k, v in values.items()).encode())
+
+
+def number_setting(name: str, default: float, expected: str, valid: Callable[[float], bool], parse=float):
+    """A numeric variable from the environment, ``default`` when unset; a value that does not parse or is not
+    ``valid`` is a ConfigError naming the variable and what was ``expected``."""
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        number = parse(value)
+    except ValueError:
+        number = None
+    if number is None or not valid(number):
+        raise ConfigError(f"{name} is malformed: expected {expected}, got {value!r}")
+    return number
 
 
 def lookup(name: str, home_dir: Path | None = None) -> str | None:

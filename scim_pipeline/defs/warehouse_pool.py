@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -28,7 +27,7 @@ from dagster._core.errors import DagsterExecutionInterruptedError
 from dagster._core.execution.plan.instance_concurrency_context import InstanceConcurrencyContext
 from dagster._utils.interrupts import check_captured_interrupt
 
-from scim_pipeline.config import ConfigError
+from scim_pipeline.config import number_setting
 
 WAIT_VAR = "SCIM_PIPELINE_WAREHOUSE_WAIT_S"
 DEFAULT_WAIT_S = 600.0
@@ -44,16 +43,9 @@ class WarehouseWaitTimeout(Exception):
 
 
 def wait_bound_s() -> float:
-    value = os.environ.get(WAIT_VAR)
-    if not value:
-        return DEFAULT_WAIT_S
-    try:
-        bound = float(value)
-    except ValueError:
-        bound = math.nan
-    if not (bound > 0 and math.isfinite(bound)):  # a wait must end
-        raise ConfigError(f"{WAIT_VAR} is malformed: expected a positive number of seconds, got {value!r}")
-    return bound
+    # A wait must end: a positive, finite number of seconds.
+    return number_setting(WAIT_VAR, DEFAULT_WAIT_S, "a positive number of seconds",
+                          lambda s: s > 0 and math.isfinite(s))
 
 
 _reporters: list[Callable[[str], None]] = []

@@ -13,16 +13,14 @@ import random
 import shutil
 import signal
 import statistics
-import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 from scim_pipeline import config
 from scim_pipeline.devstack.convergence import differences
-from scim_pipeline.provisioning.role_mapping import load_role_mapping
 from scim_pipeline.devstack.services import free_port
 from scim_pipeline.devstack.stack import Stack
+from scim_pipeline.provisioning.role_mapping import load_role_mapping
 
 DEMO_EMULATOR = ["--seed", "7", "--orgs", "5", "--users-per-org", "200", "--groups-per-org", "12",
                  "--retry-time-scale", "60"]

@@ -17,8 +17,9 @@ from pathlib import Path
 import httpx
 
 from scim_pipeline import config
-from scim_pipeline.devstack import services
 from scim_pipeline.defs.instance import ensure_dagster_home
+from scim_pipeline.devstack import services
+
 
 class Stack:
     def __init__(self, home: Path):
@@ -53,11 +54,12 @@ class Stack:
             "webhooks", [], self.home, port=port, ready=lambda s: _http_ok(f"{s.url}/healthz")))
         return self.receiver
 
-    def start_app(self, *args: str) -> services.Service:
+    def start_app(self, *args: str, port: int | None = None) -> services.Service:
         app_env = self.home / config.APP_ENV_FILE
         app_env.unlink(missing_ok=True)
         self.app = self._track(services.start(
-            "app", list(args), self.home, ready=lambda s: app_env.exists() and _http_ok(f"{s.url}/healthz")))
+            "app", list(args), self.home, port=port,
+            ready=lambda s: app_env.exists() and _http_ok(f"{s.url}/healthz")))
         os.environ.update(config.read_dotenv(app_env))
         return self.app
 

@@ -19,7 +19,11 @@ from scim_pipeline.lib.clock import utcnow
 from scim_pipeline.provisioning.change_sets import HOLD_DIRECTORY, apply_directory_holds
 from scim_pipeline.provisioning.changes_protocol import ApplicationClient, ChangeResult, send_changes
 from scim_pipeline.provisioning.ledger import (
-    ready_changes, record_failure, record_results, rederive_in_doubt, revive_dead,
+    ready_changes,
+    record_failure,
+    record_results,
+    rederive_in_doubt,
+    revive_dead,
 )
 from scim_pipeline.provisioning.outbox_index import Lease, OutboxIndex
 from scim_pipeline.warehouse.connection import Warehouse

@@ -74,7 +74,6 @@ _INSERT = (
 )
 
 
-
 class InboxClosed(RuntimeError):
     """The inbox no longer accepts events (it is shutting down)."""
 

@@ -54,7 +54,7 @@ class DirectoryAPI:
         self.config = config
         self.retry = retry
         self.sleep = sleep
-        self._client: ScalekitClient | None = None
+        self._client = None  # the SDK client, made on first use
         self._lock = threading.Lock()
         self._raw_methods: dict[str, Callable] = {}
         self.calls = 0

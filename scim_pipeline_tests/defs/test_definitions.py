@@ -1,4 +1,3 @@
-import dagster as dg
 
 from scim_pipeline.definitions import defs
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from scim_pipeline.defs.instance import ensure_dagster_home
 from scim_pipeline.defs.directory.automation import DEFAULT_RECONCILE_CRON, RECONCILE_CRON_VAR
+from scim_pipeline.defs.instance import ensure_dagster_home
 from scim_pipeline.devstack.services import free_port
 
 PROJECT = Path(__file__).resolve().parents[2]

@@ -4,8 +4,8 @@ files in the test's home and Dagster runs executed in this process on the home's
 import httpx
 import pytest
 
-from scim_pipeline.devstack import services
 from scim_pipeline.config import settings
+from scim_pipeline.devstack import services
 from scim_pipeline.devstack.convergence import differences
 from scim_pipeline.provisioning.role_mapping import load_role_mapping
 from scim_pipeline_tests.emulator_support import RunningEmulator

@@ -8,8 +8,8 @@ from pathlib import Path
 import dagster as dg
 
 from scim_pipeline.commands import query, run_sync
-from scim_pipeline.defs.instance import dagster_instance
 from scim_pipeline.definitions import defs
+from scim_pipeline.defs.instance import dagster_instance
 
 PROVISIONING = ["group_memberships", "role_assignments", "directory_users_history", "change_sets"]
 

@@ -5,6 +5,7 @@ import json
 
 import dagster as dg
 
+from scim_pipeline.config import settings
 from scim_pipeline.defs.directory.automation import (
     RANGE_END,
     RANGE_START,
@@ -14,11 +15,10 @@ from scim_pipeline.defs.directory.automation import (
 )
 from scim_pipeline.defs.partitions import organizations_partitions
 from scim_pipeline.defs.provisioning.delivery import delivery_sensor
+from scim_pipeline.defs.resources import ScalekitResource
 from scim_pipeline.defs.webhooks.sensor import webhook_events_sensor
 from scim_pipeline.provisioning.outbox_index import OutboxIndex
-from scim_pipeline.config import settings
 from scim_pipeline.receiver.inbox import Inbox
-from scim_pipeline.defs.resources import ScalekitResource
 from scim_pipeline_tests.emulator_support import emulator_fixture
 
 emulator = emulator_fixture(seed=9, orgs=3, users_per_org=5, groups_per_org=2)
@@ -137,8 +137,8 @@ def test_webhook_sensor_names_partitions_and_run_keys_only_with_organization_ids
 
 
 def test_webhook_sensor_asks_again_for_events_no_run_applied(home, monkeypatch):
-    from scim_pipeline.defs.webhooks.sensor import RETRY_VAR
     from scim_pipeline.definitions import defs
+    from scim_pipeline.defs.webhooks.sensor import RETRY_VAR
 
     monkeypatch.setenv(RETRY_VAR, "0")
     with Inbox(settings().inbox_path) as inbox:

@@ -7,9 +7,9 @@ import sys
 import threading
 import time
 
-from scim_pipeline.commands import query, run_sync
-
 import pytest
+
+from scim_pipeline.commands import query, run_sync
 
 
 def cli(*args, env=None, **kwargs) -> subprocess.Popen:
@@ -186,6 +186,7 @@ def resume(holder: subprocess.Popen) -> None:
 def assert_nothing_left_behind(world) -> None:
     """No run is left started, no slot held; a sync then runs to the end and converges."""
     import dagster as dg
+
     from scim_pipeline.defs.instance import dagster_instance
 
     instance = dagster_instance()
@@ -224,6 +225,7 @@ def test_a_sync_waiting_for_the_warehouse_sleeps_names_the_holder_and_gives_up(w
 def own_runs(pid: int) -> list:
     """The runs a sync process recorded as its own, newest first."""
     import dagster as dg
+
     from scim_pipeline.defs.instance import dagster_instance
     from scim_pipeline.defs.run_process import PID_TAG
 

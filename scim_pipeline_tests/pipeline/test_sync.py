@@ -1,13 +1,10 @@
 """Directory sync into DuckDB and delivery to the application, end to end."""
 
 import random
-import subprocess
-import sys
 
 import pytest
 
 from scim_pipeline.commands import SyncFailed, query, run_sync
-from scim_pipeline.warehouse.connection import Warehouse
 
 
 def warehouse_users(org=None):

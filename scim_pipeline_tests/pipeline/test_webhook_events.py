@@ -7,15 +7,15 @@ import sys
 import time
 
 import dagster as dg
-import pytest
 import httpx
+import pytest
 
-from scim_pipeline.devstack import services
 from scim_pipeline.commands import query, run_sync
-from scim_pipeline.defs.instance import dagster_instance
 from scim_pipeline.config import settings
-from scim_pipeline.defs.webhooks.sensor import webhook_events_sensor
 from scim_pipeline.definitions import defs
+from scim_pipeline.defs.instance import dagster_instance
+from scim_pipeline.defs.webhooks.sensor import webhook_events_sensor
+from scim_pipeline.devstack import services
 from scim_pipeline.receiver.inbox import Inbox
 from scim_pipeline_tests.receiver.helpers import signed
 

@@ -8,12 +8,12 @@ import dagster as dg
 import pytest
 
 from scim_pipeline.commands import query, run_sync
-from scim_pipeline.devstack.convergence import differences
 from scim_pipeline.config import settings
 from scim_pipeline.defs import run_process
-from scim_pipeline.provisioning.role_mapping import load_role_mapping
+from scim_pipeline.devstack.convergence import differences
 from scim_pipeline.devstack.services import free_port
 from scim_pipeline.devstack.stack import Stack
+from scim_pipeline.provisioning.role_mapping import load_role_mapping
 from scim_pipeline_tests.emulator_support import _seed_tls
 
 

@@ -1,9 +1,13 @@
-from scim_pipeline.provisioning.role_mapping import GuardSettings, parse_role_mapping
 from scim_pipeline.provisioning.change_sets import approve, compute_change_sets
 from scim_pipeline.provisioning.derive import derive_memberships, derive_roles
 from scim_pipeline.provisioning.ledger import (
-    ready_changes, record_failure, record_results, rederive_in_doubt, revive_dead,
+    ready_changes,
+    record_failure,
+    record_results,
+    rederive_in_doubt,
+    revive_dead,
 )
+from scim_pipeline.provisioning.role_mapping import GuardSettings, parse_role_mapping
 
 from .conftest import T0, add_group, add_member, add_user, at
 

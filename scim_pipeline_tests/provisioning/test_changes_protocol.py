@@ -8,8 +8,8 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from email.utils import format_datetime
 from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -17,11 +17,17 @@ from standardwebhooks import Webhook
 
 from scim_pipeline.config import write_dotenv
 from scim_pipeline.defs.resources import ApplicationResource
+from scim_pipeline.devstack.services import free_port
 from scim_pipeline.provisioning.changes_protocol import (
-    ApplicationClient, ChangeResult, DeliveryRejected, DeliveryUnavailable, batch_id, parse_retry_after, send_changes,
+    ApplicationClient,
+    ChangeResult,
+    DeliveryRejected,
+    DeliveryUnavailable,
+    batch_id,
+    parse_retry_after,
+    send_changes,
 )
 from scim_pipeline.provisioning.ordering import batches, order_changes
-from scim_pipeline.devstack.services import free_port
 from scim_pipeline_tests.devstack.demo_app.helpers import change, running_app, user
 
 SECRET = "whsec_" + "dGVzdC1zZWNyZXQtdGVzdC1zZWNyZXQtdGVzdA=="

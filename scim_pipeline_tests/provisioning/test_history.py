@@ -1,5 +1,5 @@
-from scim_pipeline.provisioning.role_mapping import parse_role_mapping
 from scim_pipeline.provisioning.derive import derive_memberships, derive_roles, update_user_history
+from scim_pipeline.provisioning.role_mapping import parse_role_mapping
 
 from .conftest import add_group, add_member, add_user, at
 

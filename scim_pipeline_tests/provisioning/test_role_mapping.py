@@ -3,8 +3,13 @@ from pathlib import Path
 
 import pytest
 
-from scim_pipeline.provisioning.role_mapping import GuardSettings, RoleMappingError, load_role_mapping, parse_role_mapping
 from scim_pipeline.provisioning.derive import derive_memberships, derive_roles, like_pattern
+from scim_pipeline.provisioning.role_mapping import (
+    GuardSettings,
+    RoleMappingError,
+    load_role_mapping,
+    parse_role_mapping,
+)
 
 from .conftest import add_group, add_member, add_user
 

@@ -7,7 +7,6 @@ import itertools
 import json
 import os
 import time
-
 from datetime import datetime, timezone
 
 from standardwebhooks import Webhook

@@ -6,7 +6,6 @@ import json
 import math
 import random
 
-import orjson
 import pytest
 from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import DecodeError

@@ -2,9 +2,9 @@
 
 import pytest
 
-from scim_pipeline.scalekit import records
 from scim_pipeline.config import settings
 from scim_pipeline.lib.retry import RetryPolicy
+from scim_pipeline.scalekit import records
 from scim_pipeline.scalekit.directory_api import DirectoryAPI, ScalekitError
 from scim_pipeline.warehouse.directory_sync import list_organization
 from scim_pipeline_tests.emulator_support import emulator_fixture

@@ -1,6 +1,7 @@
 """Loading a directory snapshot is idempotent: the same listing loaded again changes no row."""
 
 from datetime import datetime, timedelta
+
 from scim_pipeline.scalekit.records import Page
 from scim_pipeline.warehouse.connection import Warehouse
 from scim_pipeline.warehouse.directory import Spool, load_snapshot

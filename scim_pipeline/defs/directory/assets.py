@@ -14,17 +14,17 @@ import dagster as dg
 from scim_pipeline.config import settings
 from scim_pipeline.defs.metadata import count, preview
 from scim_pipeline.defs.partitions import WAREHOUSE_POOL, organizations_partitions
-from scim_pipeline.scalekit import ids
-from scim_pipeline.scalekit.directory_api import ScalekitError
+from scim_pipeline.defs.resources import ScalekitResource
 from scim_pipeline.lib.clock import utcnow
-from scim_pipeline.warehouse.directory_sync import sync_organizations
 from scim_pipeline.provisioning.change_sets import apply_directory_holds
 from scim_pipeline.provisioning.outbox_index import OutboxIndex
 from scim_pipeline.receiver.inbox import Inbox
-from scim_pipeline.defs.resources import ScalekitResource
+from scim_pipeline.scalekit import ids
+from scim_pipeline.scalekit.directory_api import ScalekitError
 from scim_pipeline.warehouse.connection import Warehouse
 from scim_pipeline.warehouse.directory import upsert_directories, upsert_organizations
-from scim_pipeline.warehouse.events import apply_events, applied_marks, event_from_inbox, record_applied
+from scim_pipeline.warehouse.directory_sync import sync_organizations
+from scim_pipeline.warehouse.events import applied_marks, apply_events, event_from_inbox, record_applied
 
 
 @dg.multi_asset(

@@ -7,12 +7,12 @@ import os
 
 import dagster as dg
 
-from scim_pipeline.config import ConfigError
+from scim_pipeline.config import ConfigError, number_setting
 from scim_pipeline.defs.jobs import directory_catalog_job, directory_sync_job
 from scim_pipeline.defs.partitions import organizations_partitions
+from scim_pipeline.defs.resources import ScalekitResource
 from scim_pipeline.scalekit import ids
 from scim_pipeline.scalekit.directory_api import ScalekitError
-from scim_pipeline.defs.resources import ScalekitResource
 
 RECONCILE_CRON_VAR = "SCIM_PIPELINE_RECONCILE_CRON"
 DEFAULT_RECONCILE_CRON = "0 3 * * *"  # daily, at night
@@ -42,16 +42,8 @@ def partition_ranges(keys: list[str], wanted: set[str] | None, per_run: int) -> 
 
 def orgs_per_run() -> int:
     """Organizations per full-sync run, from SCIM_PIPELINE_ORGS_PER_RUN (a whole number, at least 1)."""
-    value = os.environ.get(RUN_BATCH_VAR)
-    if not value:
-        return DEFAULT_ORGS_PER_RUN
-    try:
-        per_run = int(value)
-    except ValueError:
-        per_run = 0
-    if per_run < 1:
-        raise ConfigError(f"{RUN_BATCH_VAR} is malformed: expected a whole number of at least 1, got {value!r}")
-    return per_run
+    return number_setting(RUN_BATCH_VAR, DEFAULT_ORGS_PER_RUN, "a whole number of at least 1", lambda n: n >= 1,
+                          parse=int)
 
 
 def range_tags(first: str, last: str) -> dict[str, str]:

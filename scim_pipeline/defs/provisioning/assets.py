@@ -14,11 +14,11 @@ from scim_pipeline.config import settings
 from scim_pipeline.defs.metadata import count, preview
 from scim_pipeline.defs.partitions import WAREHOUSE_POOL, organizations_partitions
 from scim_pipeline.lib.clock import utcnow
-from scim_pipeline.provisioning.outbox_index import OutboxIndex
-from scim_pipeline.warehouse.connection import Warehouse
-from scim_pipeline.provisioning.role_mapping import RoleMapping, RoleMappingError, load_role_mapping
 from scim_pipeline.provisioning.change_sets import compute_change_sets
 from scim_pipeline.provisioning.derive import derive_memberships, derive_roles, update_user_history
+from scim_pipeline.provisioning.outbox_index import OutboxIndex
+from scim_pipeline.provisioning.role_mapping import RoleMapping, RoleMappingError, load_role_mapping
+from scim_pipeline.warehouse.connection import Warehouse
 
 IN_ORGS = "list_contains($orgs, organization_id)"
 INLINE_DELIVERY_GRACE = timedelta(seconds=60)

@@ -11,12 +11,12 @@ An application that is down fails nothing upstream: its changes wait in the ledg
 
 import dagster as dg
 
-from scim_pipeline.provisioning.delivery import DeliveryPolicy, deliver_ready
 from scim_pipeline.config import settings
 from scim_pipeline.defs.partitions import organizations_partitions
-from scim_pipeline.lib.clock import utcnow
-from scim_pipeline.provisioning.outbox_index import Lease, OutboxIndex
 from scim_pipeline.defs.resources import ApplicationResource
+from scim_pipeline.lib.clock import utcnow
+from scim_pipeline.provisioning.delivery import DeliveryPolicy, deliver_ready
+from scim_pipeline.provisioning.outbox_index import Lease, OutboxIndex
 from scim_pipeline.warehouse.connection import Warehouse
 
 

@@ -14,7 +14,7 @@ from scim_pipeline.lib.clock import utcnow
 from scim_pipeline.receiver.inbox import Inbox
 from scim_pipeline.scalekit import ids
 from scim_pipeline.warehouse.connection import Warehouse
-from scim_pipeline.warehouse.events import QUARANTINE, apply_events, applied_marks, event_from_inbox, record_applied
+from scim_pipeline.warehouse.events import QUARANTINE, applied_marks, apply_events, event_from_inbox, record_applied
 
 
 class QuarantineConfig(dg.Config):

@@ -15,14 +15,13 @@ no run of it in flight and none ended within that time, is asked for again under
 """
 
 
-import os
 import time
 from collections import defaultdict
 from datetime import datetime
 
 import dagster as dg
 
-from scim_pipeline.config import ConfigError, settings
+from scim_pipeline.config import number_setting, settings
 from scim_pipeline.defs.jobs import directory_events_job, directory_sync_job
 from scim_pipeline.defs.partitions import organizations_partitions
 from scim_pipeline.defs.webhooks.quarantine import quarantine_webhook_events
@@ -48,16 +47,7 @@ def quarantine_run_config(after_seq: int, up_to_seq: int) -> dict:
 
 def retry_after_s() -> float:
     """Seconds events may stay unapplied before their organization is asked for again (SCIM_PIPELINE_EVENTS_RETRY_S)."""
-    value = os.environ.get(RETRY_VAR)
-    if not value:
-        return DEFAULT_RETRY_S
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not seconds >= 0:
-        raise ConfigError(f"{RETRY_VAR} is malformed: expected a number of seconds of at least 0, got {value!r}")
-    return seconds
+    return number_setting(RETRY_VAR, DEFAULT_RETRY_S, "a number of seconds of at least 0", lambda s: s >= 0)
 
 
 def route_of(organization_id: str | None) -> str:

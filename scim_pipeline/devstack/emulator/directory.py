@@ -25,7 +25,6 @@ PROVIDER_LABELS = {
 }
 
 
-
 def now_us() -> int:
     return time.time_ns() // 1000
 

@@ -13,8 +13,8 @@ from typing import Iterator
 import httpx
 from standardwebhooks import Webhook
 
-from scim_pipeline.devstack import services
 from scim_pipeline.config import read_dotenv
+from scim_pipeline.devstack import services
 
 
 @dataclass

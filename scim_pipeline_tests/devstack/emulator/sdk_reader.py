@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from google.protobuf.json_format import MessageToDict
 from scalekit.v1.directories.directories_pb2 import (
-    DirectoryProvider, DirectoryType, ListDirectoryGroupsRequest, ListDirectoryUsersRequest,
+    DirectoryProvider,
+    DirectoryType,
+    ListDirectoryGroupsRequest,
+    ListDirectoryUsersRequest,
 )
 
 

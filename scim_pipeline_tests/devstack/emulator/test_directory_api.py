@@ -6,7 +6,9 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
 from scalekit.common.exceptions import (
-    ScalekitBadRequestException, ScalekitNotFoundException, ScalekitUnauthorizedException,
+    ScalekitBadRequestException,
+    ScalekitNotFoundException,
+    ScalekitUnauthorizedException,
 )
 from scalekit.v1.directories.directories_pb2 import ListDirectoryUsersRequest
 
