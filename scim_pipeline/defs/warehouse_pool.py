@@ -23,6 +23,7 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+import dagster as dg
 from dagster._core.errors import DagsterExecutionInterruptedError
 from dagster._core.execution.plan.instance_concurrency_context import InstanceConcurrencyContext
 from dagster._utils.interrupts import check_captured_interrupt
@@ -104,9 +105,12 @@ def _waiting(self: InstanceConcurrencyContext, pool: str, step_key: str, wait: _
     from scim_pipeline.defs.run_reaper import reap_dead_runs
 
     instance = self._instance
-    held_by = [slot.run_id for slot in instance.event_log_storage.get_concurrency_info(pool).claimed_slots]
+    info = instance.event_log_storage.get_concurrency_info(pool)
+    held_by = [slot.run_id for slot in info.claimed_slots]
     if held_by and reap_dead_runs(instance, held_by):
         return  # the slot was held by a dead run, freed now: the next check takes it
+    if _free_for_finished_runs(instance, (set(held_by) | info.assigned_run_ids) - {self._run_id}):
+        return  # a run that has ended kept a slot (or a slot handed to it): freed, the next check takes it
     message = (f"Waiting for the {pool}: {holders(instance, pool)} holds its slot "
                f"(step {step_key}; giving up {wait.bound_s:g}s after it began to wait)")
     for say in list(_reporters) or [log.warning]:
@@ -114,6 +118,18 @@ def _waiting(self: InstanceConcurrencyContext, pool: str, step_key: str, wait: _
     run = instance.get_run_by_id(self._run_id)
     if run is not None:
         instance.report_engine_event(message, run)  # shows in the run's log in the UI
+
+
+def _free_for_finished_runs(instance, run_ids: set[str]) -> bool:
+    """Free what runs that have ended still hold or were handed in the pool. Under load a slot can be handed to a
+    waiting step of a run that ends before it takes it, and nothing frees it then: the pool looks free to everyone
+    and no one can claim it."""
+    finished = [r.run_id for r in instance.get_runs(dg.RunsFilter(run_ids=sorted(run_ids)))
+                if r.is_finished] if run_ids else []
+    for run_id in finished:
+        log.warning("freeing the warehouse slot of run %s, which has ended", run_id[:8])
+        instance.event_log_storage.free_concurrency_slots_for_run(run_id)
+    return bool(finished)
 
 
 def _interval_to_next_pending_claim_check(self: InstanceConcurrencyContext) -> float:
