@@ -11,18 +11,22 @@ import time
 
 from scim_pipeline.devstack.emulator.directory import Directory, DirectoryStore, Group, User
 
+# The event types are Scalekit's names, defined once where the pipeline reads them.
+from scim_pipeline.warehouse.webhook_envelope import (  # noqa: F401 (re-exported: ev.USER_CREATED, ...)
+    DIRECTORY_DISABLED,
+    DIRECTORY_ENABLED,
+    GROUP_CREATED,
+    GROUP_DELETED,
+    GROUP_UPDATED,
+    USER_CREATED,
+    USER_DELETED,
+    USER_UPDATED,
+)
+
 SCIM_USER_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:User"
 SCIM_ENTERPRISE_SCHEMA = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
 SCIM_GROUP_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:Group"
 
-USER_CREATED = "organization.directory.user_created"
-USER_UPDATED = "organization.directory.user_updated"
-USER_DELETED = "organization.directory.user_deleted"
-GROUP_CREATED = "organization.directory.group_created"
-GROUP_UPDATED = "organization.directory.group_updated"
-GROUP_DELETED = "organization.directory.group_deleted"
-DIRECTORY_ENABLED = "organization.directory_enabled"
-DIRECTORY_DISABLED = "organization.directory_disabled"
 
 
 def rfc3339(us: int) -> str:
