@@ -32,7 +32,7 @@ from scim_pipeline.warehouse.webhook_envelope import (
 
 # Reading and checking one event lives in webhook_envelope; these names are this module's too.
 __all__ = ["Event", "apply_events", "applied_marks", "event_from_body", "event_from_inbox", "parse_time",
-           "record_applied"]
+           "record_applied", "unplaced_organizations"]
 
 QUARANTINE = "quarantine"  # the route of the events that name no organization (never an organization id)
 
@@ -149,28 +149,52 @@ def apply_events(con: duckdb.DuckDBPyConnection, events: list[Event], applied_at
     apply = "SELECT * FROM event_outcomes WHERE outcome = 'applied'"
     user_upserts = f"{apply} AND type <> 'organization.directory.user_deleted' AND type IN ({_sql_list(USER_EVENTS)})"
 
+    # Scalekit's user events carry no directory_id and no emails list (only the primary email), and nothing marks
+    # their groups required: what an event leaves out is taken from what the warehouse knows (_known_users), never
+    # guessed into a change.
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE _known_users AS
+        SELECT e.entity_id AS user_id,
+               coalesce(e.data ->> 'directory_id', u.directory_id, {_DIRECTORY_OF_GROUPS}, {_ONLY_ENABLED_DIRECTORY})
+                   AS directory_id,
+               CASE WHEN (e.data -> 'emails') IS NOT NULL THEN e.data -> 'emails'
+                    WHEN (e.data ->> 'email') IS NULL THEN u.emails
+                    -- the primary address first; the other addresses stay, the one it replaced goes
+                    ELSE to_json(list_prepend(e.data ->> 'email',
+                         list_filter(coalesce((u.emails ->> '$[*]')[2:], []), lambda x: x <> (e.data ->> 'email')))) END
+                   AS emails
+        FROM (SELECT * FROM event_outcomes WHERE outcome = 'applied' AND type IN ({_sql_list(USER_EVENTS)})) e
+        LEFT JOIN directory_users u ON u.user_id = e.entity_id
+        """
+    )
     con.execute(
         f"""
         INSERT INTO directory_users AS t (user_id, organization_id, directory_id, email, given_name, family_name,
             preferred_username, active, emails, updated_at, detail, deleted_at, synced_at, event_at, event_nanos,
             event_seq)
-        SELECT e.entity_id, e.organization_id,
-               coalesce(e.data ->> 'directory_id',
-                        (SELECT min(directory_id) FROM directories d WHERE d.organization_id = e.organization_id)),
+        SELECT e.entity_id, e.organization_id, k.directory_id,
                e.data ->> 'email', e.data ->> 'given_name', e.data ->> 'family_name',
                e.data ->> 'preferred_username', coalesce((e.data ->> 'active')::BOOLEAN, true),
-               coalesce(e.data -> 'emails', to_json([e.data ->> 'email'])), e.occurred_at, e.data, NULL, NULL,
-               e.occurred_at, e.nanos, e.seq
-        FROM ({user_upserts}) e
+               k.emails, e.occurred_at, e.data, NULL, NULL, e.occurred_at, e.nanos, e.seq
+        FROM ({user_upserts}) e JOIN _known_users k ON k.user_id = e.entity_id
         ON CONFLICT (user_id) DO UPDATE SET
+            directory_id = excluded.directory_id,
             email = excluded.email, given_name = excluded.given_name, family_name = excluded.family_name,
             preferred_username = excluded.preferred_username, active = excluded.active, emails = excluded.emails,
             updated_at = excluded.updated_at, detail = excluded.detail, deleted_at = NULL,
             event_at = excluded.event_at, event_nanos = excluded.event_nanos, event_seq = excluded.event_seq
         """
     )
-    # A user event carries the user's groups: its raw memberships become exactly those.
-    con.execute(f"DELETE FROM directory_user_groups WHERE user_id IN (SELECT entity_id FROM ({apply}) e WHERE type IN ({_sql_list(USER_EVENTS)}))")
+    # A user event that lists the user's groups makes its raw memberships exactly those; one without a ``groups``
+    # key leaves them as they are. A deleted user has none.
+    con.execute(
+        f"""
+        DELETE FROM directory_user_groups WHERE user_id IN (
+            SELECT entity_id FROM ({apply}) e WHERE type IN ({_sql_list(USER_EVENTS)})
+              AND (type = 'organization.directory.user_deleted' OR (e.data -> 'groups') IS NOT NULL))
+        """
+    )
     con.execute(
         f"""
         INSERT OR IGNORE INTO directory_user_groups (organization_id, user_id, group_id)
@@ -179,11 +203,17 @@ def apply_events(con: duckdb.DuckDBPyConnection, events: list[Event], applied_at
         WHERE g.value ->> 'id' IS NOT NULL
         """
     )
+    # A deletion of a user the warehouse has never seen still leaves a tombstone: Scalekit retries a webhook for a
+    # day, and a user_created retried after the deletion must find it (stale) rather than bring the user back.
     con.execute(
         f"""
-        UPDATE directory_users AS t SET deleted_at = e.occurred_at, event_at = e.occurred_at, event_nanos = e.nanos,
-            event_seq = e.seq
-        FROM ({apply} AND type = 'organization.directory.user_deleted') e WHERE t.user_id = e.entity_id
+        INSERT INTO directory_users AS t (user_id, organization_id, directory_id, email, active, emails, updated_at,
+            detail, deleted_at, synced_at, event_at, event_nanos, event_seq)
+        SELECT e.entity_id, e.organization_id, k.directory_id, e.data ->> 'email', false, k.emails, e.occurred_at,
+               e.data, e.occurred_at, NULL, e.occurred_at, e.nanos, e.seq
+        FROM ({apply} AND type = 'organization.directory.user_deleted') e JOIN _known_users k ON k.user_id = e.entity_id
+        ON CONFLICT (user_id) DO UPDATE SET deleted_at = excluded.deleted_at, event_at = excluded.event_at,
+            event_nanos = excluded.event_nanos, event_seq = excluded.event_seq
         """
     )
     con.execute(
@@ -221,9 +251,34 @@ def apply_events(con: duckdb.DuckDBPyConnection, events: list[Event], applied_at
     recorded = _record_invalid(con, invalid, applied_at)
     counts["invalid"] = counts.get("invalid", 0) + recorded
     counts["duplicate"] += len(invalid) - recorded
+    con.execute("DROP TABLE _known_users")
     con.execute("DROP TABLE event_outcomes")
     con.execute("DROP TABLE stage_events")
     return counts
+
+
+# Where a user event names no directory and the warehouse has no row of the user: the directory of the groups the
+# event lists (when they agree), else the organization's only enabled directory (Scalekit sends no events from a
+# disabled one). Else NULL: ``unplaced_organizations`` asks for a full sync of the organization.
+_DIRECTORY_OF_GROUPS = """(
+    SELECT any_value(g.directory_id) FROM json_each(coalesce(e.data -> 'groups', '[]'::JSON)) j
+    JOIN directory_groups g ON g.group_id = j.value ->> 'id' AND g.organization_id = e.organization_id
+    HAVING count(DISTINCT g.directory_id) = 1)"""
+_ONLY_ENABLED_DIRECTORY = """(
+    SELECT any_value(d.directory_id) FROM directories d
+    WHERE d.organization_id = e.organization_id AND coalesce(d.enabled, true) HAVING count(*) = 1)"""
+
+
+def unplaced_organizations(con: duckdb.DuckDBPyConnection, organization_ids: list[str]) -> list[str]:
+    """The organizations with a live user whose directory the warehouse does not know: a full sync of each
+    places them."""
+    return [row[0] for row in con.execute(
+        """
+        SELECT DISTINCT organization_id FROM directory_users
+        WHERE list_contains($orgs, organization_id) AND directory_id IS NULL AND deleted_at IS NULL ORDER BY 1
+        """,
+        {"orgs": organization_ids},
+    ).fetchall()]
 
 
 def _sql_list(values: set[str]) -> str:

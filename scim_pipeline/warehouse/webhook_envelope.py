@@ -147,7 +147,7 @@ def _checked(payload: dict) -> dict:
         raise Invalid(f"type: {ids.shown(type_)} is not an event type")
     if parse_time(payload.get("occurred_at")) is None:
         raise Invalid(f"occurred_at: {ids.shown(payload.get('occurred_at'))} is not an RFC 3339 time")
-    for name in ("spec_version", "environment_id"):
+    for name in ("spec_version", "environment_id", "display_name"):
         if name in payload and not isinstance(payload[name], str):
             raise Invalid(f"{name}: {ids.shown(payload[name])} is not text")
     if type_ not in KNOWN_EVENTS:

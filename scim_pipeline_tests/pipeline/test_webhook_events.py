@@ -132,6 +132,26 @@ def test_a_late_update_never_brings_back_a_deleted_user(world):
         receiver.stop()
 
 
+def test_a_user_of_a_directory_the_event_does_not_name_is_placed_by_a_full_sync_of_its_organization(world):
+    """Scalekit's user events carry no directory_id. In an organization with two enabled directories, a new user in
+    no group cannot be placed from the warehouse: the incremental run reads the organization again in full."""
+    receiver = start_receiver(world)
+    try:
+        run_sync(say=lambda _: None)
+        org = next(o for o in world.emulator.state()["organizations"] if len(o["directories"]) == 2)
+        second = org["directories"][1]["id"]
+        results = world.emulator.mutate([{"op": "create_user", "organization_id": org["id"], "directory_id": second,
+                                          "user": {"email": "second.dir@example.com"}}])
+        wait_for_inbox(set(results[0]["event_ids"]))
+        apply_webhooks(None)
+        placed = query(f"SELECT directory_id FROM directory_users WHERE user_id = '{results[0]['id']}'")
+        assert list(placed.directory_id) == [second]
+        assert "second.dir@example.com" in {u["email"] for u in world.app_state()["users"]}
+        assert world.differences() == []
+    finally:
+        receiver.stop()
+
+
 def test_a_disabled_directory_stops_delivery_until_it_is_enabled_again(world):
     receiver = start_receiver(world)
     try:

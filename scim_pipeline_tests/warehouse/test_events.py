@@ -5,6 +5,7 @@ import copy
 import json
 import random
 from datetime import datetime
+from pathlib import Path
 
 from scim_pipeline.receiver.inbox import Inbox
 from scim_pipeline.warehouse.connection import Warehouse
@@ -289,3 +290,117 @@ def test_a_stale_directory_event_or_listing_never_flips_the_directory_back(tmp_p
     assert not enabled(wh) and counts["stale"] == 1
     apply(wh, (6, directory_at(ENABLED, "2024-09-25T02:27:01Z")))
     assert enabled(wh)
+
+
+# --- Scalekit's documented payloads: no directory_id or emails on a user, groups not promised, deletions of
+# users never seen -------------------------------------------------------------------------------------------------
+
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "scalekit_webhooks"
+
+
+def documented(name: str, user: str, *, occurred_at: str = "2025-01-06T18:44:25.153954001Z", **data) -> dict:
+    """Scalekit's documented example of ``name`` for ``user`` of ORG, with ``data`` changed (None removes a key)."""
+    event = json.loads((FIXTURES / f"{name}.json").read_text())
+    event.update(id=f"evt_{name}_{user}_{occurred_at}", organization_id=ORG, occurred_at=occurred_at)
+    event["data"].update(id=user, organization_id=ORG)
+    for key, value in data.items():
+        if value is None:
+            event["data"].pop(key, None)
+        else:
+            event["data"][key] = value
+    return event
+
+
+def seed_two_directories(wh: Warehouse) -> None:
+    """ORG with dir_1 and dir_2, a group in each, and diruser_1 known (from a snapshot) in dir_2 with two
+    addresses and a membership."""
+    with wh.write() as con:
+        con.execute("INSERT INTO directories (directory_id, organization_id, enabled) VALUES ('dir_1', $o, true),"
+                    " ('dir_2', $o, true)", {"o": ORG})
+        con.execute("INSERT INTO directory_groups (group_id, organization_id, directory_id, display_name) VALUES"
+                    " ('dirgroup_1', $o, 'dir_1', 'One'), ('dirgroup_2', $o, 'dir_2', 'Two')", {"o": ORG})
+        con.execute("INSERT INTO directory_users (user_id, organization_id, directory_id, email, emails, active,"
+                    " updated_at) VALUES ('diruser_1', $o, 'dir_2', 'a@x.io', '[\"a@x.io\", \"b@x.io\"]', true,"
+                    " '2025-01-01')", {"o": ORG})
+        con.execute("INSERT INTO directory_user_groups VALUES ($o, 'diruser_1', 'dirgroup_2')", {"o": ORG})
+
+
+def users(wh: Warehouse) -> dict:
+    with wh.read() as con:
+        return {u: (d, json.loads(e) if e else None, deleted) for u, d, e, deleted in con.execute(
+            "SELECT user_id, directory_id, emails, deleted_at IS NOT NULL FROM directory_users").fetchall()}
+
+
+def memberships(wh: Warehouse, user: str) -> list[str]:
+    with wh.read() as con:
+        return [g for (g,) in con.execute("SELECT group_id FROM directory_user_groups WHERE user_id = $u ORDER BY 1",
+                                          {"u": user}).fetchall()]
+
+
+def test_the_documented_payloads_apply_as_they_are(tmp_path):
+    wh = Warehouse(tmp_path / "w.duckdb")
+    seed_two_directories(wh)
+    counts = apply(wh, (1, documented("user_created", "diruser_5", groups=[{"id": "dirgroup_1", "name": "One"}])),
+                   (2, documented("group_updated", "dirgroup_2", directory_id="dir_2")))
+    assert counts["applied"] == 2 and counts["invalid"] == 0
+    assert users(wh)["diruser_5"] == ("dir_1", ["flavio@runolfsdottir.co.duk"], False)
+
+
+def test_a_user_without_directory_id_is_placed_from_what_the_warehouse_knows(tmp_path):
+    from scim_pipeline.warehouse.events import unplaced_organizations
+
+    wh = Warehouse(tmp_path / "w.duckdb")
+    seed_two_directories(wh)
+    no_groups = {"groups": []}
+    apply(wh,
+          (1, documented("user_updated", "diruser_1", groups=[{"id": "dirgroup_1", "name": "One"}])),  # known user
+          (2, documented("user_created", "diruser_2", groups=[{"id": "dirgroup_2", "name": "Two"}])),  # its groups
+          (3, documented("user_created", "diruser_3", **no_groups)))  # two enabled directories: cannot tell
+    placed = users(wh)
+    assert placed["diruser_1"][0] == "dir_2" and placed["diruser_2"][0] == "dir_2"
+    assert placed["diruser_3"][0] is None
+    with wh.read() as con:
+        assert unplaced_organizations(con, [ORG, "org_2"]) == [ORG]  # the incremental run then syncs ORG in full
+    with wh.write() as con:
+        con.execute("UPDATE directories SET enabled = false WHERE directory_id = 'dir_1'")
+    # With one enabled directory left (a disabled one sends no events), a new user can only be from it; a later
+    # event of a user the warehouse could not place places it.
+    apply(wh, (4, documented("user_created", "diruser_4", **no_groups)),
+          (5, documented("user_updated", "diruser_3", occurred_at="2025-01-06T18:44:26Z", **no_groups)))
+    placed = users(wh)
+    assert placed["diruser_4"][0] == "dir_2" and placed["diruser_3"][0] == "dir_2"
+    with wh.read() as con:
+        assert unplaced_organizations(con, [ORG]) == []
+
+
+def test_a_user_event_without_emails_keeps_the_other_addresses(tmp_path):
+    wh = Warehouse(tmp_path / "w.duckdb")
+    seed_two_directories(wh)
+    apply(wh, (1, documented("user_updated", "diruser_1", email="a@x.io")))
+    assert users(wh)["diruser_1"][1] == ["a@x.io", "b@x.io"]  # not flipped to the primary alone
+    apply(wh, (2, documented("user_updated", "diruser_1", email="c@x.io", occurred_at="2025-01-07T00:00:00Z")))
+    assert users(wh)["diruser_1"][1] == ["c@x.io", "b@x.io"]  # a new primary replaces the old one
+    apply(wh, (3, documented("user_updated", "diruser_1", emails=["d@x.io"], occurred_at="2025-01-08T00:00:00Z")))
+    assert users(wh)["diruser_1"][1] == ["d@x.io"]  # a list, where one is sent, is the list
+
+
+def test_a_user_event_without_groups_keeps_the_memberships(tmp_path):
+    wh = Warehouse(tmp_path / "w.duckdb")
+    seed_two_directories(wh)
+    apply(wh, (1, documented("user_updated", "diruser_1", groups=None)))
+    assert memberships(wh, "diruser_1") == ["dirgroup_2"]
+    apply(wh, (2, documented("user_updated", "diruser_1", groups=[], occurred_at="2025-01-07T00:00:00Z")))
+    assert memberships(wh, "diruser_1") == []  # an empty list is a user in no group
+
+
+def test_a_deletion_of_a_user_never_seen_leaves_a_tombstone_that_a_late_create_cannot_undo(tmp_path):
+    wh = Warehouse(tmp_path / "w.duckdb")
+    seed_two_directories(wh)
+    apply(wh, (1, documented("user_deleted", "diruser_7", occurred_at="2025-01-06T18:44:25.153954002Z")))
+    assert users(wh)["diruser_7"][2] is True
+    # Scalekit retries a webhook for about a day: the create, older than the deletion, arrives after it.
+    counts = apply(wh, (2, documented("user_created", "diruser_7", occurred_at="2025-01-06T18:44:25.153954001Z")))
+    assert counts["stale"] == 1 and users(wh)["diruser_7"][2] is True
+    with wh.read() as con:
+        assert con.execute("SELECT count(*) FROM directory_users WHERE deleted_at IS NULL AND user_id = 'diruser_7'"
+                           ).fetchone()[0] == 0

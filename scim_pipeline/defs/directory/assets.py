@@ -24,7 +24,13 @@ from scim_pipeline.scalekit.directory_api import ScalekitError
 from scim_pipeline.warehouse.connection import Warehouse
 from scim_pipeline.warehouse.directory import upsert_directories, upsert_organizations
 from scim_pipeline.warehouse.directory_sync import sync_organizations
-from scim_pipeline.warehouse.events import applied_marks, apply_events, event_from_inbox, record_applied
+from scim_pipeline.warehouse.events import (
+    applied_marks,
+    apply_events,
+    event_from_inbox,
+    record_applied,
+    unplaced_organizations,
+)
 
 
 @dg.multi_asset(
@@ -101,12 +107,23 @@ def directory_snapshot(
 ):
     orgs = list(context.partition_keys)
     metadata: dict = {"organizations": len(orgs), "mode": config.mode}
+    if config.mode not in ("full", "events"):
+        raise dg.Failure(description=f"unknown mode {config.mode!r}: expected 'full' or 'events'")
+    to_sync = orgs
     if config.mode == "events":
         metadata.update(apply_inbox_events(context, warehouse, orgs, config.up_to_seq))
-    elif config.mode == "full":
+        # Scalekit's user events do not name the user's directory: where the warehouse cannot tell it either, the
+        # organization is read again in full, in this run.
+        with warehouse.read() as con:
+            to_sync = unplaced_organizations(con, orgs)
+        if to_sync:
+            context.log.info(f"{len(to_sync)} organization(s) have users of an unknown directory: syncing in full")
+            metadata["organizations_resynced"] = len(to_sync)
+    if to_sync:
         try:
             report = sync_organizations(
-                scalekit.api(), warehouse, orgs, settings().home / "spool", workers=config.workers, progress=context.log.info,
+                scalekit.api(), warehouse, to_sync, settings().home / "spool", workers=config.workers,
+                progress=context.log.info,
             )
         except ScalekitError as exc:
             raise dg.Failure(description=str(exc)) from exc
@@ -122,8 +139,6 @@ def directory_snapshot(
             "organizations_failed": len(report.failed),
             "failures": dg.MetadataValue.json(report.failed),
         })
-    else:
-        raise dg.Failure(description=f"unknown mode {config.mode!r}: expected 'full' or 'events'")
 
     params = {"orgs": orgs}
     in_orgs = "list_contains($orgs, organization_id)"

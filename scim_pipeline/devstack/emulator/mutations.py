@@ -135,7 +135,8 @@ class Mutator:
         return ev.envelope(self.store, kind, user.organization_id, data, at)
 
     def _group_event(self, kind: str, group: Group, at: int) -> dict:
-        return ev.envelope(self.store, kind, group.organization_id, ev.group_data(group), at)
+        data = ev.group_data(group, deleted=kind == ev.GROUP_DELETED)
+        return ev.envelope(self.store, kind, group.organization_id, data, at)
 
     def _set_attributes(self, user: User, attrs: dict) -> None:
         unknown = sorted(set(attrs) - set(USER_FIELDS) - {"directory_id"})
