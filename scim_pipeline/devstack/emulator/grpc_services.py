@@ -255,7 +255,7 @@ class OrganizationService(ogrpc.OrganizationServiceServicer):
         return self.GetOrganization(request, context)
 
     def _identity(self, context, request) -> dict:
-        """The ``identities`` oneof (``id`` or ``external_id``) as a mutation's fields; the id wins when both are set."""
+        """The ``identities`` oneof (``id`` or ``external_id``) as a mutation's fields; the id wins if both are set."""
         if request.id or not request.external_id:
             _check_org_id(context, request.id)
             return {"organization_id": request.id}
@@ -523,10 +523,12 @@ class DirectoryService(dgrpc.DirectoryServiceServicer):
             directory_type = dpb.DirectoryType.Name(new.directory_type)
             provider = dpb.DirectoryProvider.Name(new.directory_provider)
         except ValueError:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "directory_type and directory_provider must be defined values")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "directory_type and directory_provider must be defined values")
         with self.store.lock:
-            applied = _apply(context, self.mutate, {"op": "create_directory", "organization_id": request.organization_id,
-                                                    "provider": provider, "directory_type": directory_type})
+            applied = _apply(context, self.mutate, {
+                "op": "create_directory", "organization_id": request.organization_id, "provider": provider,
+                "directory_type": directory_type})
             d = self.store.directories[applied.id]
             return dpb.CreateDirectoryResponse(directory=directory_pb(self.store, d, self.endpoint_base))
 

@@ -540,7 +540,8 @@ def _organization_fields(op: dict, key: str) -> dict:
         raise _Invalid(f"{key} must be an object with {', '.join(ORGANIZATION_FIELDS)}")
     unknown = sorted(set(fields) - set(ORGANIZATION_FIELDS))
     if unknown:
-        raise _Invalid(f"unknown organization attribute(s) {', '.join(unknown)}; known: {', '.join(ORGANIZATION_FIELDS)}")
+        raise _Invalid(f"unknown organization attribute(s) {', '.join(unknown)}; "
+                       f"known: {', '.join(ORGANIZATION_FIELDS)}")
     for name in ("display_name", "external_id", "slug", "logo_url"):
         if name in fields and not isinstance(fields[name], str):
             raise _Invalid(f"{name} must be a string")

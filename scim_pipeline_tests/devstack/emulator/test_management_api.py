@@ -8,11 +8,7 @@ import time
 import grpc
 import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
-from scalekit.common.exceptions import (
-    ScalekitBadRequestException,
-    ScalekitConflictException,
-    ScalekitNotFoundException,
-)
+from scalekit.common.exceptions import ScalekitBadRequestException, ScalekitConflictException, ScalekitNotFoundException
 from scalekit.v1.directories.directories_pb2 import (
     CreateDirectory,
     CreateDirectoryRequest,
@@ -53,7 +49,8 @@ def test_organization_lifecycle(emulator, client):
     # Readable at once by id, by external id (both ways the SDK has) and in the listing, after the others.
     assert client.organization.get_organization(org.id)[0].organization == org
     assert client.organization.get_organization_by_external_id("tenant-42")[0].organization == org
-    by_rpc = client.core_client.grpc_exec(client.organization.organization_service.GetOrganizationByExternalId.with_call,
+    service = client.organization.organization_service
+    by_rpc = client.core_client.grpc_exec(service.GetOrganizationByExternalId.with_call,
                                           GetOrganizationRequest(external_id="tenant-42"))[0]
     assert by_rpc.organization.id == org.id
     assert [o.id for o in list_all_organizations(client)] == [*before, org.id]
@@ -83,7 +80,8 @@ def test_organization_lifecycle(emulator, client):
     assert [(f.name, f.enabled) for f in features.settings.features] == [("sso", True), ("dir_sync", False)]
     again = client.organization.update_organization_settings(org.id, [{"name": "dir_sync", "enabled": True}])[0]
     assert [(f.name, f.enabled) for f in again.organization.settings.features] == [("sso", True), ("dir_sync", True)]
-    assert client.organization.upsert_user_management_settings(org.id, max_allowed_users=45).max_allowed_users.value == 45
+    limit = client.organization.upsert_user_management_settings(org.id, max_allowed_users=45)
+    assert limit.max_allowed_users.value == 45
     read = client.core_client.grpc_exec(
         client.organization.organization_service.GetOrganizationUserManagementSetting.with_call,
         GetOrganizationUserManagementSettingsRequest(organization_id=org.id))[0]
@@ -194,7 +192,8 @@ def test_directory_lifecycle_and_onboarding(emulator, client, receiver):
     assert client.directory.enable_directory(org.id, d.id)[0].enabled is True
     toggles = [e for e in emulator.events() if e["type"].startswith("organization.directory_")]
     assert [(e["type"], e["organization_id"], e["data"]["id"], e["data"]["enabled"]) for e in toggles] == [
-        ("organization.directory_disabled", org.id, d.id, False), ("organization.directory_enabled", org.id, d.id, True)]
+        ("organization.directory_disabled", org.id, d.id, False),
+        ("organization.directory_enabled", org.id, d.id, True)]
     delivered = [json.loads(body)["type"] for _, body in receiver.wait_for(len(emulator.events()))]
     assert delivered[-2:] == ["organization.directory_disabled", "organization.directory_enabled"]
 
