@@ -55,9 +55,12 @@ def range_tags(first: str, last: str) -> dict[str, str]:
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Lists Scalekit's organizations and directories; adds a partition for each new organization with an "
-    "enabled directory and launches its first sync; refreshes the catalogue when it changed.",
+    "enabled directory and launches its first sync; refreshes the catalogue when it changed, and syncs an "
+    "organization Scalekit no longer lists (its users are deprovisioned, through the guard).",
 )
 def discover_organizations(context: dg.SensorEvaluationContext, scalekit: ScalekitResource):
+    # The partitions before the listing: one added meanwhile (by the webhook sensor) is not taken for deleted.
+    known = set(context.instance.get_dynamic_partitions(organizations_partitions.name))
     try:
         api = scalekit.api()
         catalogue = []
@@ -70,12 +73,19 @@ def discover_organizations(context: dg.SensorEvaluationContext, scalekit: Scalek
                               sorted((d["directory_id"], d["enabled"]) for d in dirs)))
     except (ScalekitError, ConfigError) as exc:
         return dg.SkipReason(f"Scalekit not readable: {exc}")
-    known = set(context.instance.get_dynamic_partitions(organizations_partitions.name))
     new = [org for org, _, dirs in catalogue if org not in known and any(enabled for _, enabled in dirs)]
+    # Scalekit sends no webhook when an organization is deleted: a partition it no longer lists gets a full sync,
+    # which finds it gone and deprovisions its users through the guard (once per catalogue that lacks it).
+    gone = sorted(known - {org for org, _, _ in catalogue})
     digest = hashlib.sha256(json.dumps(catalogue).encode()).hexdigest()
     requests = []
     if digest != context.cursor:
         requests.append(dg.RunRequest(job_name="directory_catalog", run_key=f"catalog:{digest[:16]}"))
+        requests += [
+            dg.RunRequest(job_name="directory_sync", partition_key=org, run_key=f"gone:{org}:{digest[:16]}",
+                          tags={"scim_pipeline/trigger": "organization deleted"})
+            for org in gone
+        ]
     requests += [
         dg.RunRequest(job_name="directory_sync", partition_key=org, run_key=f"first-sync:{org}",
                       tags={"scim_pipeline/trigger": "discovery"})
