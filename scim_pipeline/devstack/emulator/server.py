@@ -27,7 +27,7 @@ from scim_pipeline.devstack.emulator.gateway import Credentials, FaultInjector, 
 from scim_pipeline.devstack.emulator.grpc_services import Edge, build_server, user_entry
 from scim_pipeline.devstack.emulator.mutations import Applied, Mutator
 from scim_pipeline.devstack.emulator.router import AlpnRouter, event_loop_runner
-from scim_pipeline.devstack.emulator.synthetic import generate, new_factory
+from scim_pipeline.devstack.emulator.synthetic import UserFactory, generate, new_factory
 from scim_pipeline.devstack.emulator.webhooks import WebhookSender, new_webhook_secret
 from scim_pipeline.lib.private_files import write_private
 
@@ -79,11 +79,16 @@ class Emulator:
         self.mutator = Mutator(self.store, new_user=self._hire)
         self.event_log: deque[tuple[int, dict]] = deque(maxlen=10_000)
 
+    def factory(self, organization_id: str) -> UserFactory:
+        """The organization's user factory; one created after start-up gets its own on first use."""
+        factory = self.factories.get(organization_id)
+        if factory is None:
+            factory = self.factories[organization_id] = new_factory(
+                self.seed, self.store.organizations[organization_id], self.factories)
+        return factory
+
     def _hire(self, user, at: int) -> None:
-        factory = self.factories.get(user.organization_id)
-        if factory is None:  # an organization created after start-up
-            factory = self.factories[user.organization_id] = new_factory(
-                self.seed, self.store.organizations[user.organization_id], self.factories)
+        factory = self.factory(user.organization_id)
         factory.providers.setdefault(user.directory_id, self.store.directories[user.directory_id].provider)
         factory.fill(user, at)
 
