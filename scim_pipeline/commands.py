@@ -83,7 +83,9 @@ def _run_sync(organization_ids: list[str] | None, delivery_backoff_s: float | No
             failed.update(entry.value if entry is not None else {})
 
     say("Delivering change sets to the application ...")
-    config = {"organizations": targets}
+    # A whole sync also sends what is due for organizations it did not list (an approval for one deleted in Scalekit).
+    due = [] if organization_ids else OutboxIndex(settings().outbox_index_path).due(utcnow())
+    config = {"organizations": list(dict.fromkeys([*targets, *due]))}
     if delivery_backoff_s is not None:
         config["backoff_s"] = delivery_backoff_s
     _execute(defs.resolve_job_def("deliver_changes"), instance, stop,

@@ -40,6 +40,10 @@ class ScalekitError(Exception):
     """Scalekit could not be read: unreachable, refused our credentials, or kept failing past the retry budget."""
 
 
+class NotFound(ScalekitError):
+    """Scalekit answered that what the call names does not exist (``NOT_FOUND``): deleted, or never there."""
+
+
 def _enum_name(enum, value: int) -> str:
     try:
         return enum.Name(value)
@@ -108,6 +112,8 @@ class DirectoryAPI:
             raise ScalekitError(
                 f"Scalekit kept failing {method_name} after {self.retry.attempts} attempts: {_reason(exc)}"
             ) from exc
+        except errors.ScalekitNotFoundException as exc:
+            raise NotFound(f"Scalekit answered {method_name}: not found ({_reason(exc)})") from exc
         except errors.ScalekitServerException as exc:
             raise ScalekitError(f"Scalekit refused {method_name}: {_reason(exc)}") from exc
         except errors.ScalekitException as exc:
@@ -136,6 +142,7 @@ class DirectoryAPI:
                 return
 
     def directories(self, organization_id: str) -> list[dict]:
+        """The organization's directories; ``NotFound`` when the organization does not exist (any more)."""
         pb2 = _sdk()[2]
         page = self.call("ListDirectories", "directory", pb2.ListDirectoriesRequest(organization_id=organization_id))
         return [

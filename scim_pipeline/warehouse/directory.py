@@ -45,6 +45,8 @@ class Spool:
     users: int = 0
     groups: int = 0
     directories: list[dict] = field(default_factory=list)
+    # Scalekit no longer knows the organization: loading this (empty) spool tombstones everything it had.
+    deleted: bool = False
     # Open while listing: opening the file for each page cost more than writing it.
     _writers: dict[str, BinaryIO] = field(default_factory=dict, repr=False, compare=False)
 
@@ -274,6 +276,14 @@ def _tombstone_absent(con: duckdb.DuckDBPyConnection, table: str, key: str, stag
         """,
         {"synced_at": synced_at, "listed_at": listed_at, "org": org},
     ).fetchone()[0]
+
+
+def forget_organization(con: duckdb.DuckDBPyConnection, organization_id: str) -> None:
+    """Remove a deleted organization from the catalogue (its row and its directories'). Its users and groups stay,
+    tombstoned by loading an empty snapshot: their deletions then go through the change sets and the guard like any
+    other, and no 'directory disabled' hold applies to a directory that no longer exists."""
+    con.execute("DELETE FROM directories WHERE organization_id = $org", {"org": organization_id})
+    con.execute("DELETE FROM organizations WHERE organization_id = $org", {"org": organization_id})
 
 
 def upsert_organizations(con: duckdb.DuckDBPyConnection, orgs: list[dict], synced_at: datetime) -> None:

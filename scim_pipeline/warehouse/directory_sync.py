@@ -13,9 +13,15 @@ from typing import TYPE_CHECKING, Callable
 
 from scim_pipeline.lib.clock import utcnow
 from scim_pipeline.scalekit import ids
-from scim_pipeline.scalekit.directory_api import DirectoryAPI, ScalekitError
+from scim_pipeline.scalekit.directory_api import DirectoryAPI, NotFound, ScalekitError
 from scim_pipeline.warehouse.connection import transaction
-from scim_pipeline.warehouse.directory import SnapshotCounts, Spool, load_snapshot, upsert_directories
+from scim_pipeline.warehouse.directory import (
+    SnapshotCounts,
+    Spool,
+    forget_organization,
+    load_snapshot,
+    upsert_directories,
+)
 
 if TYPE_CHECKING:
     from scim_pipeline.warehouse.connection import Warehouse
@@ -45,7 +51,13 @@ def list_organization(api: DirectoryAPI, organization_id: str, spool_root: Path,
             raise ListingStopped(organization_id)
 
     try:
-        directories = api.directories(organization_id)
+        try:
+            directories = api.directories(organization_id)
+        except NotFound:
+            # Deleted in Scalekit (it lists the directories of every organization it has, even none): an empty
+            # listing, so that loading it deprovisions the organization's users, through the guard.
+            spool.deleted = True
+            return spool
         spool.directories = directories
         enabled = [d for d in directories if d["enabled"]]
         if not enabled:
@@ -68,7 +80,8 @@ def list_organization(api: DirectoryAPI, organization_id: str, spool_root: Path,
 
 @dataclass
 class SyncReport:
-    synced: dict[str, SnapshotCounts] = field(default_factory=dict)
+    synced: dict[str, SnapshotCounts] = field(default_factory=dict)  # deleted ones included (everything tombstoned)
+    deleted: list[str] = field(default_factory=list)  # organizations Scalekit no longer has
     skipped: dict[str, str] = field(default_factory=dict)  # organization -> why (no directory)
     failed: dict[str, str] = field(default_factory=dict)  # organization -> error
 
@@ -120,14 +133,19 @@ def sync_organizations(
             # One transaction per organization, committed before it is reported: an organization reported done
             # survives the process being killed, and one that fails half-way leaves its rows as they were.
             with transaction(con):
+                if spool.deleted:
+                    forget_organization(con, spool.organization_id)
                 upsert_directories(con, spool.directories, utcnow(), spool.listed_at)
                 counts = load_snapshot(con, spool, utcnow())
         finally:
             spool.remove()
         report.synced[spool.organization_id] = counts
+        if spool.deleted:
+            report.deleted.append(spool.organization_id)
         progress(
             f"[{done()}/{total}] {spool.organization_id}: "
-            f"{counts.users} users (+{counts.users_new} ~{counts.users_changed} -{counts.users_deleted}), "
+            + ("deleted in Scalekit: " if spool.deleted else "")
+            + f"{counts.users} users (+{counts.users_new} ~{counts.users_changed} -{counts.users_deleted}), "
             f"{counts.groups} groups"
         )
 

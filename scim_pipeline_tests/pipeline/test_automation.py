@@ -4,6 +4,8 @@ import datetime as dt
 import json
 
 import dagster as dg
+from scalekit.v1.directories.directories_pb2 import CreateDirectory, DirectoryProvider, DirectoryType
+from scalekit.v1.organizations.organizations_pb2 import CreateOrganization
 
 from scim_pipeline.config import settings
 from scim_pipeline.defs.directory.automation import (
@@ -47,6 +49,49 @@ def test_discovery_adds_each_new_organization_and_launches_its_first_sync(emulat
                                  resources={"scalekit": ScalekitResource()}) as context:
         changed = discover_organizations(context)
     assert [r.job_name for r in changed.run_requests] == ["directory_catalog"]
+
+
+def test_discovery_finds_new_organizations_created_through_the_sdk_and_syncs_deleted_ones(emulator):
+    instance = dg.DagsterInstance.ephemeral()
+    orgs = sorted(o["id"] for o in emulator.state()["organizations"])
+    instance.add_dynamic_partitions(organizations_partitions.name, orgs)
+    client = emulator.client()
+
+    def tick(cursor=None):
+        with dg.build_sensor_context(instance=instance, cursor=cursor,
+                                     resources={"scalekit": ScalekitResource()}) as context:
+            return discover_organizations(context)
+
+    # Onboarding: an organization without a directory is not synced yet; with an enabled directory it is.
+    first = tick()  # no earlier cursor: nothing counts as newly enabled, nothing is resynced
+    assert [r.job_name for r in first.run_requests] == ["directory_catalog"]
+    new = client.organization.create_organization(CreateOrganization(display_name="Hooli"))[0].organization
+    waiting = tick(first.cursor)
+    assert [r.job_name for r in waiting.run_requests] == ["directory_catalog"]
+    assert not waiting.dynamic_partitions_requests
+    directory = client.directory.create_directory(new.id, CreateDirectory(
+        directory_provider=DirectoryProvider.GOOGLE, directory_type=DirectoryType.SCIM))[0].directory
+    onboarded = tick(waiting.cursor)
+    assert [(r.job_name, r.partition_key) for r in onboarded.run_requests] == [
+        ("directory_catalog", None), ("directory_sync", new.id)]
+    assert onboarded.dynamic_partitions_requests[0].partition_keys == [new.id]
+    instance.add_dynamic_partitions(organizations_partitions.name, [new.id])  # as the daemon does with the request
+
+    # Switched off, then on again: the organization is listed whole (what it holds may never have come as events).
+    client.directory.disable_directory(new.id, directory.id)
+    off = tick(onboarded.cursor)
+    assert [r.job_name for r in off.run_requests] == ["directory_catalog"]
+    client.directory.enable_directory(new.id, directory.id)
+    on = tick(off.cursor)
+    assert [(r.job_name, r.partition_key, r.tags.get("scim_pipeline/trigger")) for r in on.run_requests] == [
+        ("directory_catalog", None, None), ("directory_sync", new.id, "directory enabled")]
+
+    # A deleted organization (no webhook tells) gets a full sync, which deprovisions its users through the guard.
+    client.organization.delete_organization(orgs[0])
+    deleted = tick(on.cursor)
+    syncs = [r for r in deleted.run_requests if r.job_name == "directory_sync"]
+    assert [(r.partition_key, r.tags["scim_pipeline/trigger"]) for r in syncs] == [(orgs[0], "organization deleted")]
+    assert tick(deleted.cursor).run_requests == []  # once per catalogue
 
 
 def test_discovery_skips_with_the_reason_when_scalekit_is_unreachable(home, monkeypatch):

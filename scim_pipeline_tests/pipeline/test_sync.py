@@ -197,3 +197,37 @@ def test_changes_dead_during_an_application_outage_are_delivered_by_the_next_ful
         assert world.app_stats()["max_applications"] == 1
     finally:
         app.stop()
+
+
+def test_a_deleted_organization_is_deprovisioned_through_the_guard(world, capsys):
+    from scim_pipeline.cli import main
+
+    run_sync(say=lambda _: None)
+    org, *others = world.emulator.state()["organizations"]
+    users = {u["id"] for u in org["users"]}
+    world.emulator.client().organization.delete_organization(org["id"])  # no webhook: only the listings tell
+    summary = run_sync(say=lambda _: None)  # the catalogue still names it: the sync finds it gone
+
+    assert summary["failed"] == {}
+    rows = warehouse_users()
+    assert {uid for uid, r in rows.items() if r.organization_id == org["id"] and str(r.deleted_at) == "NaT"} == set()
+    assert {uid for uid, r in rows.items() if r.organization_id == org["id"]} == users  # tombstones, not gone
+    assert query(f"SELECT count(*) AS n FROM directories WHERE organization_id = '{org['id']}'").n[0] == 0
+    assert query(f"SELECT count(*) AS n FROM organizations WHERE organization_id = '{org['id']}'").n[0] == 0
+    # Every user's deletion is held by the guard (an accidental deletion must not wipe the application) ...
+    held = query(f"SELECT entity_key, hold_reason FROM change_sets WHERE organization_id = '{org['id']}' "
+                 "AND entity = 'user' AND op = 'delete' AND status = 'held'")
+    assert set(held.entity_key) == users and set(held.hold_reason) == {"mass deprovisioning guard"}
+    assert users <= {u["user_id"] for u in world.app_state()["users"]}
+    # ... the other organizations are untouched, and a later sync holds the same changes, adding none.
+    assert not [d for d in world.differences() if any(o["id"] in d for o in others)]
+    ledger = f"SELECT change_id, status FROM change_sets WHERE organization_id = '{org['id']}' ORDER BY 1"
+    before = query(ledger).values.tolist()
+    run_sync(say=lambda _: None)
+    assert query(ledger).values.tolist() == before
+
+    # Approved, the deletions reach the application.
+    assert main(["approve", "--org", org["id"]]) == 0
+    run_sync(say=lambda _: None)
+    assert not users & {u["user_id"] for u in world.app_state()["users"]}
+    assert world.differences() == []

@@ -74,3 +74,38 @@ def test_a_leaver_reaches_the_application_through_the_daemon(stack):
         start = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.RUN_START).records
         assert run.tags[run_process.HOST_TAG] == run_process.host()
         assert run.tags[run_process.PID_TAG] == str(start[0].event_log_entry.dagster_event.pid) != str(os.getpid())
+
+
+def test_a_new_organization_is_onboarded_under_the_daemon(stack):
+    from scalekit import ScalekitClient
+    from scalekit.v1.directories.directories_pb2 import CreateDirectory, DirectoryProvider, DirectoryType
+    from scalekit.v1.organizations.organizations_pb2 import CreateOrganization
+
+    port = free_port()
+    stack.start_emulator("--seed", "4", "--orgs", "0", "--retry-time-scale", "60", webhook_port=port)
+    stack.start_receiver(port)
+    stack.start_app()
+    stack.start_daemon()  # no sync beforehand: the pipeline knows of no organization yet
+
+    env = stack.emulator_env
+    client = ScalekitClient(env["SCALEKIT_ENVIRONMENT_URL"], env["SCALEKIT_CLIENT_ID"], env["SCALEKIT_CLIENT_SECRET"])
+    org = client.organization.create_organization(CreateOrganization(display_name="Pied Piper",
+                                                                     external_id="tenant-7"))[0].organization
+    directory = client.directory.create_directory(org.id, CreateDirectory(
+        directory_provider=DirectoryProvider.OKTA, directory_type=DirectoryType.SCIM))[0].directory
+    client.directory.disable_directory(org.id, directory.id)  # its admin is still setting it up
+    group = stack.mutate([{"op": "create_group", "organization_id": org.id, "display_name": "Engineering"}])
+    group_id = group["results"][0]["id"]
+    hires = stack.mutate([{"op": "create_user", "organization_id": org.id, "groups": [group_id],
+                           "user": {"active": True}} for _ in range(3)])
+    users = {r["id"] for r in hires["results"]}
+
+    started = time.monotonic()
+    assert client.directory.enable_directory(org.id, directory.id)[0].enabled
+    wait_for(lambda: users <= {u["user_id"] for u in stack.app_state()["users"]}, 90)
+    latency = time.monotonic() - started
+    print(f"directory enabled to first users in the application: {latency:.1f}s")
+    assert latency < 60
+
+    mapping = load_role_mapping(settings().role_mappings_path())
+    wait_for(lambda: not differences(stack.app_state(), stack.truth(), mapping), 30)

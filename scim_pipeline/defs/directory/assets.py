@@ -127,6 +127,9 @@ def directory_snapshot(
             )
         except ScalekitError as exc:
             raise dg.Failure(description=str(exc)) from exc
+        for org in report.deleted:
+            context.log.warning(f"{org} is deleted in Scalekit: its users and groups are tombstoned, and their "
+                                "deprovisioning goes through the guard")
         for org, why in report.skipped.items():
             context.log.warning(why)
         for org, error in report.failed.items():
@@ -135,7 +138,8 @@ def directory_snapshot(
             "users_new": report.total("users_new"), "users_changed": report.total("users_changed"),
             "users_deleted": report.total("users_deleted"), "groups_new": report.total("groups_new"),
             "groups_changed": report.total("groups_changed"), "groups_deleted": report.total("groups_deleted"),
-            "organizations_synced": len(report.synced), "organizations_skipped": len(report.skipped),
+            "organizations_synced": len(report.synced), "organizations_deleted": len(report.deleted),
+            "organizations_skipped": len(report.skipped),
             "organizations_failed": len(report.failed),
             "failures": dg.MetadataValue.json(report.failed),
         })

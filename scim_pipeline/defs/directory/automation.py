@@ -55,9 +55,13 @@ def range_tags(first: str, last: str) -> dict[str, str]:
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Lists Scalekit's organizations and directories; adds a partition for each new organization with an "
-    "enabled directory and launches its first sync; refreshes the catalogue when it changed.",
+    "enabled directory and launches its first sync; refreshes the catalogue when it changed; syncs an organization "
+    "whose directory was enabled since, and one Scalekit no longer lists (its users are deprovisioned, through the "
+    "guard).",
 )
 def discover_organizations(context: dg.SensorEvaluationContext, scalekit: ScalekitResource):
+    # The partitions before the listing: one added meanwhile (by the webhook sensor) is not taken for deleted.
+    known = set(context.instance.get_dynamic_partitions(organizations_partitions.name))
     try:
         api = scalekit.api()
         catalogue = []
@@ -70,22 +74,44 @@ def discover_organizations(context: dg.SensorEvaluationContext, scalekit: Scalek
                               sorted((d["directory_id"], d["enabled"]) for d in dirs)))
     except (ScalekitError, ConfigError) as exc:
         return dg.SkipReason(f"Scalekit not readable: {exc}")
-    known = set(context.instance.get_dynamic_partitions(organizations_partitions.name))
-    new = [org for org, _, dirs in catalogue if org not in known and any(enabled for _, enabled in dirs)]
+    enabled = {org: [d for d, on in dirs if on] for org, _, dirs in catalogue if any(on for _, on in dirs)}
+    new = [org for org in enabled if org not in known]
     digest = hashlib.sha256(json.dumps(catalogue).encode()).hexdigest()
+    last_digest, last_enabled = _read_cursor(context.cursor)
     requests = []
-    if digest != context.cursor:
+    if digest != last_digest:
         requests.append(dg.RunRequest(job_name="directory_catalog", run_key=f"catalog:{digest[:16]}"))
-    requests += [
-        dg.RunRequest(job_name="directory_sync", partition_key=org, run_key=f"first-sync:{org}",
-                      tags={"scim_pipeline/trigger": "discovery"})
-        for org in new
-    ]
+        # Scalekit sends no webhook when an organization is deleted: a partition it no longer lists gets a full sync,
+        # which finds it gone and deprovisions its users through the guard (once per catalogue that lacks it).
+        requests += [_sync(org, f"gone:{org}:{digest[:16]}", "organization deleted")
+                     for org in sorted(known - {org for org, _, _ in catalogue})]
+        # A known organization whose directory was enabled since the last tick (connected after its partition was
+        # added, or switched back on) is listed whole: whatever it holds may never have come as a webhook event.
+        if last_enabled is not None:
+            requests += [_sync(org, f"enabled:{org}:{digest[:16]}", "directory enabled")
+                         for org, dirs in enabled.items()
+                         if org in known and set(dirs) - set(last_enabled.get(org, []))]
+    requests += [_sync(org, f"first-sync:{org}", "discovery") for org in new]
     return dg.SensorResult(
         run_requests=requests,
-        cursor=digest,
+        cursor=json.dumps({"digest": digest, "enabled": enabled}, separators=(",", ":")),
         dynamic_partitions_requests=[organizations_partitions.build_add_request(new)] if new else [],
     )
+
+
+def _sync(org: str, run_key: str, trigger: str) -> dg.RunRequest:
+    return dg.RunRequest(job_name="directory_sync", partition_key=org, run_key=run_key,
+                         tags={"scim_pipeline/trigger": trigger})
+
+
+def _read_cursor(cursor: str | None) -> tuple[str | None, dict[str, list[str]] | None]:
+    """The discovery cursor: the catalogue's digest and each organization's enabled directories at the last tick.
+    A cursor of an older version (the digest alone) gives no directories: nothing counts as newly enabled."""
+    try:
+        value = json.loads(cursor or "")
+        return value["digest"], value["enabled"]
+    except (ValueError, TypeError, KeyError):
+        return cursor, None
 
 
 @dg.schedule(

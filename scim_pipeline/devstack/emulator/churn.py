@@ -72,7 +72,7 @@ class Churn:
         kind = rng.choices(self.kinds, self.weights)[0]
         groups = [store.groups[g] for g in d.group_ids]
         user = store.users[d.user_ids[rng.randrange(len(d.user_ids))]] if d.user_ids else None
-        pools = self.emulator.factories[d.organization_id].pools
+        pools = self.emulator.factory(d.organization_id).pools
 
         if kind == "hire" or user is None:
             picked = rng.sample(groups, min(len(groups), rng.choice((1, 1, 2)))) if groups else []

@@ -31,7 +31,7 @@ def now_us() -> int:
 
 class Organization:
     __slots__ = ("id", "seq", "display_name", "external_id", "domain", "created_at", "updated_at", "directories",
-                 "metadata")
+                 "metadata", "slug", "logo_url", "features", "max_allowed_users")
 
     def __init__(self, id: str, seq: int, display_name: str, external_id: str, domain: str, created_at: int):
         self.id, self.seq, self.display_name, self.external_id = id, seq, display_name, external_id
@@ -39,6 +39,9 @@ class Organization:
         self.created_at = self.updated_at = created_at
         self.directories: list[Directory] = []
         self.metadata: dict[str, str] = {}
+        self.slug = self.logo_url = ""
+        self.features: dict[str, bool] = {}  # organization settings: feature name -> enabled, in the order first set
+        self.max_allowed_users: int | None = None  # user management settings; None: not set
 
 
 class Directory:
@@ -188,6 +191,36 @@ class DirectoryStore:
         _remove_ordered(d.group_ids, d.group_seqs, group.seq)
         del self.groups[group.id]
 
+    def remove_directory(self, directory: Directory) -> None:
+        """Remove a directory with its users and groups (they go with it: nothing else refers to them)."""
+        for uid in directory.user_ids:
+            del self.users[uid]
+        for gid in directory.group_ids:
+            del self.groups[gid]
+        self.organizations[directory.organization_id].directories.remove(directory)
+        del self.directories[directory.id]
+
+    def restore_directory(self, directory: Directory, users: list[User], groups: list[Group], position: int) -> None:
+        """Undo ``remove_directory`` (the directory keeps its id lists; ``users`` and ``groups`` are its objects)."""
+        self.directories[directory.id] = directory
+        self.organizations[directory.organization_id].directories.insert(position, directory)
+        self.users.update((u.id, u) for u in users)
+        self.groups.update((g.id, g) for g in groups)
+
+    def remove_organization(self, org: Organization) -> None:
+        """Remove an organization with its directories, users and groups."""
+        for d in list(org.directories):
+            self.remove_directory(d)
+        del self.organizations[org.id]
+
+    def restore_organization(self, org: Organization) -> None:
+        """Undo ``remove_organization``'s own step (restore its directories after it); the listing stays in creation
+        order."""
+        self.organizations[org.id] = org
+        ordered = sorted(self.organizations.values(), key=lambda o: o.seq)
+        self.organizations.clear()
+        self.organizations.update((o.id, o) for o in ordered)
+
     def changed(self) -> None:
         self.version += 1
         self._filter_cache.clear()
@@ -268,8 +301,12 @@ class DirectoryStore:
                 })
         return {
             "id": org.id, "display_name": org.display_name, "external_id": org.external_id,
+            "metadata": dict(org.metadata),
+            "settings": {"features": [{"name": n, "enabled": e} for n, e in org.features.items()],
+                         "max_allowed_users": org.max_allowed_users},
             "directories": [{
-                "id": d.id, "provider": d.provider, "directory_type": d.directory_type, "enabled": d.enabled,
+                "id": d.id, "name": d.name, "provider": d.provider, "directory_type": d.directory_type,
+                "enabled": d.enabled,
                 "role_assignments": [{"group_id": g, "role_name": r} for g, r in d.role_assignments],
             } for d in org.directories],
             "users": users,

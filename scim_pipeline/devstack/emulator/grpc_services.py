@@ -19,7 +19,7 @@ from concurrent import futures
 from typing import Callable
 
 import grpc
-from google.protobuf import timestamp_pb2
+from google.protobuf import empty_pb2, timestamp_pb2
 from scalekit.v1.directories import directories_pb2 as dpb
 from scalekit.v1.directories import directories_pb2_grpc as dgrpc
 from scalekit.v1.events import events_pb2 as epb
@@ -30,6 +30,7 @@ from scalekit.v1.organizations import organizations_pb2_grpc as ogrpc
 from scim_pipeline.devstack.emulator import events as ev
 from scim_pipeline.devstack.emulator.directory import Directory, DirectoryStore, Group, Organization, User
 from scim_pipeline.devstack.emulator.gateway import FaultInjector, Tokens
+from scim_pipeline.devstack.emulator.mutations import Applied, MutationError
 
 READ_AHEAD_PAGES = 10  # how far ahead of a sequential listing the background builder works
 log = logging.getLogger(__name__)
@@ -38,6 +39,11 @@ MAX_DIRECTORY_PAGE = 30  # Scalekit's limit for users and groups
 DEFAULT_DIRECTORY_PAGE = 10
 MAX_ORG_PAGE = 100
 DEFAULT_ORG_PAGE = 10
+MAX_ID_LEN = 32  # the SDK's validation rules bound every organization and directory id
+PORTAL_LINK_TTL_US = 60 * 1_000_000  # Scalekit's admin portal links are valid for one minute
+FEATURES = ("sso", "dir_sync", "domain_verification", "session_policy")  # Scalekit's organization setting names
+_STATUS = {c.name: c for c in grpc.StatusCode}
+Mutate = Callable[[list[dict]], list[Applied]]
 _DIRECTORY_TYPES = {"SCIM": dpb.SCIM, "LDAP": dpb.LDAP, "POLL": dpb.POLL}
 
 
@@ -69,10 +75,17 @@ def decode_token(token: str, scope: str) -> int | None:
 # --- protobuf views of the store's objects ---------------------------------------------------------------------------
 
 def organization_pb(org: Organization) -> opb.Organization:
-    return opb.Organization(
+    msg = opb.Organization(
         id=org.id, display_name=org.display_name, external_id=org.external_id, metadata=org.metadata,
         create_time=timestamp(org.created_at), update_time=timestamp(org.updated_at),
+        settings=opb.OrganizationSettings(features=[
+            opb.OrganizationSettingsFeature(name=n, enabled=e) for n, e in org.features.items()]),
     )
+    if org.slug:
+        msg.slug = org.slug
+    if org.logo_url:
+        msg.logo_url = org.logo_url
+    return msg
 
 
 def directory_pb(store: DirectoryStore, d: Directory, endpoint_base: str) -> dpb.Directory:
@@ -175,17 +188,43 @@ def _check_id(context: grpc.ServicerContext, value: str, prefix: str, field: str
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field} must start with '{prefix}_'")
 
 
+def _check_org_id(context: grpc.ServicerContext, value: str, field: str = "id") -> None:
+    """An organization id as the management methods' rules want it: present, ``org_``, at most 32 characters."""
+    _check_id(context, value, "org", field)
+    if len(value) > MAX_ID_LEN:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field} must be at most {MAX_ID_LEN} characters")
+
+
 def _page_size(context: grpc.ServicerContext, requested: int, default: int, maximum: int) -> int:
     if requested < 0 or requested > maximum:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"page_size must be between 0 and {maximum}")
     return requested or default
 
 
+def _check_lengths(context: grpc.ServicerContext, *values: str) -> None:
+    for value in values:
+        if len(value) > MAX_ID_LEN:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"ids must be at most {MAX_ID_LEN} characters")
+
+
 # --- services ---------------------------------------------------------------------------------------------------------
 
+def _apply(context: grpc.ServicerContext, mutate: Mutate | None, op: dict) -> Applied:
+    """One mutation (the control API's path: same validation, atomicity and events), its refusal as a gRPC status."""
+    if mutate is None:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "not supported")
+    try:
+        return mutate([op])[0]
+    except MutationError as exc:
+        context.abort(_STATUS.get(exc.code, grpc.StatusCode.INVALID_ARGUMENT), exc.reason)
+
+
 class OrganizationService(ogrpc.OrganizationServiceServicer):
-    def __init__(self, store: DirectoryStore, edge: Edge):
-        self.store, self.edge = store, edge
+    """Listing and reading (the pipeline's calls) and the management methods an application calls."""
+
+    def __init__(self, store: DirectoryStore, edge: Edge, mutate: Mutate | None = None,
+                 endpoint_base: str = "https://localhost"):
+        self.store, self.edge, self.mutate, self.endpoint_base = store, edge, mutate, endpoint_base
 
     def ListOrganization(self, request, context):
         self.edge.admit(context)
@@ -210,22 +249,141 @@ class OrganizationService(ogrpc.OrganizationServiceServicer):
     def GetOrganization(self, request, context):
         self.edge.admit(context)
         with self.store.lock:
-            if request.external_id and not request.id:
-                org = next((o for o in self.store.organizations.values() if o.external_id == request.external_id),
-                           None)
-            else:
-                _check_id(context, request.id, "org", "id")
-                org = self.store.organizations.get(request.id)
-            if org is None:
-                context.abort(grpc.StatusCode.NOT_FOUND, "organization not found")
+            return opb.GetOrganizationResponse(organization=organization_pb(self._find(context, request)))
+
+    def GetOrganizationByExternalId(self, request, context):
+        return self.GetOrganization(request, context)
+
+    def _identity(self, context, request) -> dict:
+        """The ``identities`` oneof (``id`` or ``external_id``) as a mutation's fields; the id wins if both are set."""
+        if request.id or not request.external_id:
+            _check_org_id(context, request.id)
+            return {"organization_id": request.id}
+        return {"external_id": request.external_id}
+
+    def _find(self, context, request) -> Organization:
+        """The organization a request names by ``id`` or ``external_id`` (call with the lock held)."""
+        which = self._identity(context, request)
+        if "organization_id" in which:
+            org = self.store.organizations.get(which["organization_id"])
+        else:
+            org = next((o for o in self.store.organizations.values() if o.external_id == which["external_id"]), None)
+        if org is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, "organization not found")
+        return org
+
+    def _organization(self, context, org_id: str) -> Organization:
+        org = self.store.organizations.get(org_id)
+        if org is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, "organization not found")
+        return org
+
+    def CreateOrganization(self, request, context):
+        self.edge.admit(context)
+        if not request.HasField("organization"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "organization is required")
+        new = request.organization
+        fields: dict = {"display_name": new.display_name}
+        for name in ("external_id", "slug", "logo_url"):
+            if new.HasField(name):
+                fields[name] = getattr(new, name)
+        if new.metadata:
+            fields["metadata"] = dict(new.metadata)
+        with self.store.lock:
+            applied = _apply(context, self.mutate, {"op": "create_organization", "organization": fields})
+            return opb.CreateOrganizationResponse(organization=organization_pb(self.store.organizations[applied.id]))
+
+    def UpdateOrganization(self, request, context):
+        self.edge.admit(context)
+        if not request.HasField("organization"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "organization is required")
+        self._identity(context, request)  # the ids' shapes before anything else
+        change = request.organization
+        paths = set(request.update_mask.paths) if request.HasField("update_mask") else None
+        unknown = sorted((paths or set()) - {"display_name", "external_id", "metadata", "slug", "logo_url"})
+        if unknown:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"update_mask names unknown field(s) {', '.join(unknown)}")
+        fields: dict = {}
+        for name in ("display_name", "external_id", "slug", "logo_url"):
+            if (name in paths) if paths is not None else change.HasField(name):
+                fields[name] = getattr(change, name)
+        if ("metadata" in paths) if paths is not None else bool(change.metadata):
+            fields["metadata"] = dict(change.metadata)  # replaced as a whole
+        with self.store.lock:
+            org = self._find(context, request)
+            if fields:
+                _apply(context, self.mutate, {"op": "update_organization", "organization_id": org.id,
+                                              "changes": fields})
+            return opb.UpdateOrganizationResponse(organization=organization_pb(org))
+
+    def DeleteOrganization(self, request, context):
+        self.edge.admit(context)
+        which = self._identity(context, request)
+        _apply(context, self.mutate, {"op": "delete_organization", **which})
+        return empty_pb2.Empty()
+
+    def GeneratePortalLink(self, request, context):
+        self.edge.admit(context)
+        _check_org_id(context, request.id)
+        with self.store.lock:
+            self._organization(context, request.id)
+            link_id, _ = self.store.new_id("lnk")
+            expires = self.store.now() + PORTAL_LINK_TTL_US
+        return opb.GeneratePortalLinkResponse(link=opb.Link(
+            id=link_id, location=f"{self.endpoint_base}/portal/{link_id}", expire_time=timestamp(expires)))
+
+    def UpdateOrganizationSettings(self, request, context):
+        self.edge.admit(context)
+        _check_org_id(context, request.id)
+        if not request.HasField("settings"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "settings is required")
+        features = [(f.name, f.enabled) for f in request.settings.features]
+        for name, _ in features:
+            if name not in FEATURES:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"unknown feature {name!r}; known: {', '.join(FEATURES)}")
+        with self.store.lock:
+            org = self._organization(context, request.id)
+            org.features.update(features)
+            org.updated_at = self.store.now()
+            self.store.changed()
             return opb.GetOrganizationResponse(organization=organization_pb(org))
+
+    def UpsertUserManagementSettings(self, request, context):
+        self.edge.admit(context)
+        _check_org_id(context, request.organization_id, "organization_id")
+        if not request.HasField("settings"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "settings is required")
+        settings = request.settings
+        limit = settings.max_allowed_users.value if settings.HasField("max_allowed_users") else None
+        if limit is not None and limit < 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_allowed_users must not be negative")
+        with self.store.lock:
+            org = self._organization(context, request.organization_id)
+            org.max_allowed_users = limit  # absent: the setting is cleared (no limit)
+            org.updated_at = self.store.now()
+            self.store.changed()
+        return opb.UpsertUserManagementSettingsResponse(settings=_user_management_pb(limit))
+
+    def GetOrganizationUserManagementSetting(self, request, context):
+        self.edge.admit(context)
+        _check_org_id(context, request.organization_id, "organization_id")
+        with self.store.lock:
+            limit = self._organization(context, request.organization_id).max_allowed_users
+        return opb.GetOrganizationUserManagementSettingsResponse(settings=_user_management_pb(limit))
+
+
+def _user_management_pb(limit: int | None) -> opb.OrganizationUserManagementSettings:
+    settings = opb.OrganizationUserManagementSettings()
+    if limit is not None:
+        settings.max_allowed_users.value = limit
+    return settings
 
 
 class DirectoryService(dgrpc.DirectoryServiceServicer):
-    def __init__(self, store: DirectoryStore, edge: Edge, endpoint_base: str,
-                 toggle: Callable[[str, str, bool], bool] | None = None):
+    def __init__(self, store: DirectoryStore, edge: Edge, endpoint_base: str, mutate: Mutate | None = None):
         self.store, self.edge, self.endpoint_base = store, edge, endpoint_base
-        self.toggle = toggle  # (organization_id, directory_id, enabled) -> enabled; emits the webhook events
+        self.mutate = mutate  # applies a batch of mutations (control API semantics, webhook events included)
         self._read_ahead_pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="emulator-read-ahead")
         self._read_ahead_lock = threading.Lock()
         self._reading_ahead: set[tuple] = set()
@@ -337,17 +495,51 @@ class DirectoryService(dgrpc.DirectoryServiceServicer):
 
     def _toggle(self, request, context, enabled: bool):
         self.edge.admit(context)
+        _check_lengths(context, request.organization_id, request.id)
         with self.store.lock:
             d = self._directory(context, request.organization_id, request.id)
-        if self.toggle is None:
-            context.abort(grpc.StatusCode.UNIMPLEMENTED, "not supported")
-        return dpb.ToggleDirectoryResponse(enabled=self.toggle(d.organization_id, d.id, enabled))
+            _apply(context, self.mutate, {"op": "enable_directory" if enabled else "disable_directory",
+                                          "organization_id": d.organization_id, "directory_id": d.id})
+            return dpb.ToggleDirectoryResponse(enabled=d.enabled)
 
     def EnableDirectory(self, request, context):
         return self._toggle(request, context, True)
 
     def DisableDirectory(self, request, context):
         return self._toggle(request, context, False)
+
+    def CreateDirectory(self, request, context):
+        self.edge.admit(context)
+        _check_id(context, request.organization_id, "org", "organization_id")
+        _check_lengths(context, request.organization_id)
+        if not request.HasField("directory"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "directory is required")
+        new = request.directory
+        if new.directory_type == dpb.DIRECTORY_TYPE_UNSPECIFIED:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "directory.directory_type is required")
+        if new.directory_provider == dpb.DIRECTORY_PROVIDER_UNSPECIFIED:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "directory.directory_provider is required")
+        try:
+            directory_type = dpb.DirectoryType.Name(new.directory_type)
+            provider = dpb.DirectoryProvider.Name(new.directory_provider)
+        except ValueError:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "directory_type and directory_provider must be defined values")
+        with self.store.lock:
+            applied = _apply(context, self.mutate, {
+                "op": "create_directory", "organization_id": request.organization_id, "provider": provider,
+                "directory_type": directory_type})
+            d = self.store.directories[applied.id]
+            return dpb.CreateDirectoryResponse(directory=directory_pb(self.store, d, self.endpoint_base))
+
+    def DeleteDirectory(self, request, context):
+        self.edge.admit(context)
+        _check_lengths(context, request.organization_id, request.id)
+        with self.store.lock:
+            d = self._directory(context, request.organization_id, request.id)
+            _apply(context, self.mutate, {"op": "delete_directory", "organization_id": d.organization_id,
+                                          "directory_id": d.id})
+        return empty_pb2.Empty()
 
 
 class EventsService(egrpc.EventsServiceServicer):
@@ -435,15 +627,15 @@ SERVER_OPTIONS = [
 
 def build_server(store: DirectoryStore, edge: Edge, endpoint_base: str,
                  recent_events: Callable[[], list[tuple[int, dict]]],
-                 toggle: Callable[[str, str, bool], bool] | None = None, workers: int = 8,
+                 mutate: Mutate | None = None, workers: int = 8,
                  tls_key_and_cert: tuple[bytes, bytes] | None = None) -> tuple[grpc.Server, int]:
     """The gRPC server on an ephemeral loopback port, and that port. With ``tls_key_and_cert`` it terminates TLS
     itself (the router process pipes the SDK's encrypted bytes to it); without, it speaks plain text (tests, benchmarks)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="emulator-grpc"),
                          options=SERVER_OPTIONS)
     registrar = _Registrar(server)
-    ogrpc.add_OrganizationServiceServicer_to_server(OrganizationService(store, edge), registrar)
-    dgrpc.add_DirectoryServiceServicer_to_server(DirectoryService(store, edge, endpoint_base, toggle), registrar)
+    ogrpc.add_OrganizationServiceServicer_to_server(OrganizationService(store, edge, mutate, endpoint_base), registrar)
+    dgrpc.add_DirectoryServiceServicer_to_server(DirectoryService(store, edge, endpoint_base, mutate), registrar)
     egrpc.add_EventsServiceServicer_to_server(EventsService(edge, recent_events), registrar)
     if tls_key_and_cert is None:
         port = server.add_insecure_port("127.0.0.1:0")

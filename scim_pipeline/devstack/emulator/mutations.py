@@ -10,11 +10,20 @@ after its own change.
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from scim_pipeline.devstack.emulator import events as ev
-from scim_pipeline.devstack.emulator.directory import PROFILE_FIELDS, Directory, DirectoryStore, Group, User
+from scim_pipeline.devstack.emulator.directory import (
+    PROFILE_FIELDS,
+    PROVIDER_LABELS,
+    Directory,
+    DirectoryStore,
+    Group,
+    Organization,
+    User,
+)
 
 USER_FIELDS = ("email", "emails", "given_name", "family_name", "preferred_username", "active", "department",
                *PROFILE_FIELDS)
@@ -23,15 +32,30 @@ _USER_STATE = ("preferred_username", "given_name", "family_name", "emails", "act
 _GROUP_STATE = ("display_name", "updated_at", "members")
 
 OPS = ("create_user", "update_user", "deactivate_user", "reactivate_user", "delete_user", "create_group",
-       "rename_group", "delete_group", "add_member", "remove_member", "enable_directory", "disable_directory")
+       "rename_group", "delete_group", "add_member", "remove_member", "enable_directory", "disable_directory",
+       "create_organization", "update_organization", "delete_organization", "create_directory", "delete_directory")
+
+# Why an operation is refused, as the gRPC status the management API answers with (the control API answers 400).
+INVALID, NOT_FOUND, FAILED_PRECONDITION, ALREADY_EXISTS = (
+    "INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "ALREADY_EXISTS")
+
+# Scalekit's limits on an organization (the SDK's CreateOrganization/UpdateOrganization validation rules).
+DISPLAY_NAME_MAX = 200
+METADATA_MAX_PAIRS, METADATA_KEY_LEN, METADATA_VALUE_LEN = 10, (3, 25), (1, 256)
+SLUG_MAX, LOGO_URL_MAX = 253, 1024
+SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$")
+ORGANIZATION_FIELDS = ("display_name", "external_id", "metadata", "slug", "logo_url")
+DIRECTORY_TYPES = ("SCIM", "LDAP", "POLL")
+DIRECTORY_PROVIDERS = tuple(PROVIDER_LABELS)
 
 
 class MutationError(ValueError):
-    """One invalid operation of a batch; its message names the operation (position and op)."""
+    """One invalid operation of a batch; its message names the operation (position and op). ``code`` says why, as a
+    gRPC status name (``INVALID_ARGUMENT``, ``NOT_FOUND``, ...); ``reason`` is the message without the position."""
 
-    def __init__(self, index: int, op: str, message: str):
+    def __init__(self, index: int, op: str, message: str, code: str = INVALID):
         super().__init__(f"mutation {index} ({op}): {message}")
-        self.index, self.op = index, op
+        self.index, self.op, self.reason, self.code = index, op, message, code
 
 
 @dataclass
@@ -45,7 +69,9 @@ class Applied:
 
 
 class _Invalid(Exception):
-    pass
+    def __init__(self, message: str, code: str = INVALID):
+        super().__init__(message)
+        self.code = code
 
 
 class Mutator:
@@ -70,7 +96,7 @@ class Mutator:
                     try:
                         applied.append(getattr(self, "_" + name)(op))
                     except _Invalid as exc:
-                        raise MutationError(index, name, str(exc)) from None
+                        raise MutationError(index, name, str(exc), exc.code) from None
             except BaseException:
                 for restore in reversed(self._undo):
                     restore()
@@ -93,7 +119,7 @@ class Mutator:
         org_id = _str(op, "organization_id")
         org = self.store.organizations.get(org_id)
         if org is None:
-            raise _Invalid(f"unknown organization_id {org_id!r}")
+            raise _Invalid(f"unknown organization_id {org_id!r}", NOT_FOUND)
         dir_id = op.get("directory_id") or (attrs or {}).get("directory_id")
         if dir_id is None:
             if not org.directories:
@@ -101,7 +127,7 @@ class Mutator:
             return org.directories[0]
         d = self.store.directories.get(dir_id)
         if d is None or d.organization_id != org_id:
-            raise _Invalid(f"unknown directory_id {dir_id!r} in this organization")
+            raise _Invalid(f"unknown directory_id {dir_id!r} in this organization", NOT_FOUND)
         return d
 
     def _save_user(self, user: User) -> None:
@@ -359,11 +385,22 @@ class Mutator:
 
     # --- directories ------------------------------------------------------------------------------------------------
 
-    def _toggle(self, op: dict, name: str, enabled: bool) -> Applied:
+    def _directory_named(self, op: dict) -> Directory:
+        """The directory ``directory_id`` names; with ``organization_id`` too, it must be that organization's."""
         dir_id = _str(op, "directory_id")
         d = self.store.directories.get(dir_id)
+        org_id = op.get("organization_id")
+        if org_id is not None:
+            if _str(op, "organization_id") not in self.store.organizations:
+                raise _Invalid(f"unknown organization_id {org_id!r}", NOT_FOUND)
+            if d is not None and d.organization_id != org_id:
+                d = None
         if d is None:
-            raise _Invalid(f"unknown directory_id {dir_id!r}")
+            raise _Invalid(f"unknown directory_id {dir_id!r}", NOT_FOUND)
+        return d
+
+    def _toggle(self, op: dict, name: str, enabled: bool) -> Applied:
+        d = self._directory_named(op)
         if d.enabled == enabled:
             return Applied(name, d.id)
         self._save_directory(d)
@@ -378,6 +415,106 @@ class Mutator:
     def _disable_directory(self, op: dict) -> Applied:
         return self._toggle(op, "disable_directory", False)
 
+    def _create_directory(self, op: dict) -> Applied:
+        org_id = _str(op, "organization_id")
+        org = self.store.organizations.get(org_id)
+        if org is None:
+            raise _Invalid(f"unknown organization_id {org_id!r}", NOT_FOUND)
+        provider = _choice(op, "provider", DIRECTORY_PROVIDERS, "OKTA")
+        directory_type = _choice(op, "directory_type", DIRECTORY_TYPES, "SCIM")
+        enabled = op.get("enabled", True)
+        if not isinstance(enabled, bool):
+            raise _Invalid("enabled must be true or false")
+        store = self.store
+        at = store.now()
+        dir_id, seq = store.new_id("dir")
+        d = Directory(dir_id, seq, org_id, provider, at)
+        d.directory_type, d.enabled = directory_type, enabled
+        d.name = f"{PROVIDER_LABELS[provider]} {directory_type}"
+        store.add_directory(d)
+        self._undo.append(lambda: store.remove_directory(d))
+        return Applied("create_directory", dir_id)  # Scalekit documents no webhook for a new directory
+
+    def _delete_directory(self, op: dict) -> Applied:
+        d = self._directory_named(op)
+        if d.enabled:
+            raise _Invalid(f"directory {d.id} is enabled: disable it before deleting it", FAILED_PRECONDITION)
+        self._remove_directory(d)
+        return Applied("delete_directory", d.id)
+
+    def _remove_directory(self, d: Directory) -> None:
+        store = self.store
+        users = [store.users[u] for u in d.user_ids]
+        groups = [store.groups[g] for g in d.group_ids]
+        position = store.organizations[d.organization_id].directories.index(d)
+        store.remove_directory(d)
+        self._undo.append(lambda: store.restore_directory(d, users, groups, position))
+
+    # --- organizations ----------------------------------------------------------------------------------------------
+
+    def _create_organization(self, op: dict) -> Applied:
+        fields = _organization_fields(op, "organization")
+        if not fields.get("display_name"):
+            raise _Invalid("organization.display_name is required")
+        store = self.store
+        self._check_unique(fields, None)
+        at = store.now()
+        org_id, seq = store.new_id("org")
+        org = Organization(org_id, seq, fields["display_name"], fields.get("external_id", ""),
+                           _domain(fields["display_name"], seq), at)
+        org.metadata = fields.get("metadata", {})
+        org.slug, org.logo_url = fields.get("slug", ""), fields.get("logo_url", "")
+        store.add_organization(org)
+        self._undo.append(lambda: store.organizations.pop(org_id, None))
+        return Applied("create_organization", org_id)  # no webhook: Scalekit's directory events have none
+
+    def _update_organization(self, op: dict) -> Applied:
+        org = self._organization(op)
+        fields = _organization_fields(op, "changes")
+        if not fields:
+            raise _Invalid(f"changes must set at least one of {', '.join(ORGANIZATION_FIELDS)}")
+        if "display_name" in fields and not fields["display_name"]:
+            raise _Invalid("display_name must not be empty")
+        self._check_unique(fields, org)
+        state = {k: copy.copy(getattr(org, k)) for k in (*ORGANIZATION_FIELDS, "updated_at")}
+
+        def restore():
+            for k, v in state.items():
+                setattr(org, k, v)
+        self._undo.append(restore)
+        for key, value in fields.items():
+            setattr(org, key, value)
+        org.updated_at = self.store.now()
+        return Applied("update_organization", org.id)
+
+    def _delete_organization(self, op: dict) -> Applied:
+        """Deletes the organization with its directories, users and groups, enabled or not, and emits nothing:
+        Scalekit documents no webhook for it, so a consumer learns it from the listings."""
+        org = self._organization(op)
+        store = self.store
+        for d in reversed(list(org.directories)):
+            self._remove_directory(d)
+        del store.organizations[org.id]
+        self._undo.append(lambda: store.restore_organization(org))
+        return Applied("delete_organization", org.id)
+
+    def _organization(self, op: dict) -> Organization:
+        """The organization ``organization_id`` names, or ``external_id`` when no id is given."""
+        if op.get("organization_id") is None and op.get("external_id") is not None:
+            external_id = _str(op, "external_id")
+            org = next((o for o in self.store.organizations.values() if o.external_id == external_id), None)
+            if org is None:
+                raise _Invalid(f"unknown external_id {external_id!r}", NOT_FOUND)
+            return org
+        return _lookup(op, "organization_id", "org_", self.store.organizations)
+
+    def _check_unique(self, fields: dict, this: Organization | None) -> None:
+        """external_id and slug name one organization of the environment at most."""
+        for key in ("external_id", "slug"):
+            value = fields.get(key)
+            if value and any(o is not this and getattr(o, key) == value for o in self.store.organizations.values()):
+                raise _Invalid(f"an organization with {key} {value!r} already exists", ALREADY_EXISTS)
+
 
 def _lookup(op: dict, key: str, prefix: str, table: dict):
     """The entity an op names by ``key``: the id must carry Scalekit's prefix and exist."""
@@ -386,8 +523,56 @@ def _lookup(op: dict, key: str, prefix: str, table: dict):
         raise _Invalid(f"{key} must start with '{prefix}', got {value!r}")
     found = table.get(value)
     if found is None:
-        raise _Invalid(f"unknown {key} {value!r}")
+        raise _Invalid(f"unknown {key} {value!r}", NOT_FOUND)
     return found
+
+
+def _choice(op: dict, key: str, allowed: tuple[str, ...], default: str) -> str:
+    value = op.get(key, default)
+    if value not in allowed:
+        raise _Invalid(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def _organization_fields(op: dict, key: str) -> dict:
+    """The organization attributes in ``op[key]``, checked against Scalekit's rules (the SDK's validation)."""
+    fields = op.get(key)
+    if not isinstance(fields, dict):
+        raise _Invalid(f"{key} must be an object with {', '.join(ORGANIZATION_FIELDS)}")
+    unknown = sorted(set(fields) - set(ORGANIZATION_FIELDS))
+    if unknown:
+        raise _Invalid(f"unknown organization attribute(s) {', '.join(unknown)}; "
+                       f"known: {', '.join(ORGANIZATION_FIELDS)}")
+    for name in ("display_name", "external_id", "slug", "logo_url"):
+        if name in fields and not isinstance(fields[name], str):
+            raise _Invalid(f"{name} must be a string")
+    if len(fields.get("display_name", "")) > DISPLAY_NAME_MAX:
+        raise _Invalid(f"display_name must be at most {DISPLAY_NAME_MAX} characters")
+    if fields.get("slug") and (len(fields["slug"]) > SLUG_MAX or not SLUG_RE.match(fields["slug"])):
+        raise _Invalid("slug must be lowercase letters, digits, hyphens and dots (a DNS name), at most 253 characters")
+    if len(fields.get("logo_url", "")) > LOGO_URL_MAX:
+        raise _Invalid(f"logo_url must be at most {LOGO_URL_MAX} characters")
+    if "metadata" in fields:
+        metadata = fields["metadata"]
+        if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                     for k, v in metadata.items()):
+            raise _Invalid("metadata must be an object of strings")
+        if len(metadata) > METADATA_MAX_PAIRS:
+            raise _Invalid(f"metadata must have at most {METADATA_MAX_PAIRS} entries")
+        for k, v in metadata.items():
+            if not METADATA_KEY_LEN[0] <= len(k) <= METADATA_KEY_LEN[1]:
+                raise _Invalid(f"metadata key {k!r} must be {METADATA_KEY_LEN[0]} to {METADATA_KEY_LEN[1]} characters")
+            if not METADATA_VALUE_LEN[0] <= len(v) <= METADATA_VALUE_LEN[1]:
+                raise _Invalid(f"metadata value of {k!r} must be {METADATA_VALUE_LEN[0]} to "
+                               f"{METADATA_VALUE_LEN[1]} characters")
+        fields = {**fields, "metadata": dict(metadata)}
+    return fields
+
+
+def _domain(display_name: str, seq: int) -> str:
+    """The email domain of a new organization's generated users, e.g. ``acme4182.example.com``."""
+    word = re.sub(r"[^a-z0-9]+", "", display_name.split(",")[0].split(" ")[0].lower()) or "company"
+    return f"{word}{seq % 10_000}.example.com"
 
 
 def _str(op: dict, key: str) -> str:

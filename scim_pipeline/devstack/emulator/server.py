@@ -27,7 +27,7 @@ from scim_pipeline.devstack.emulator.gateway import Credentials, FaultInjector, 
 from scim_pipeline.devstack.emulator.grpc_services import Edge, build_server, user_entry
 from scim_pipeline.devstack.emulator.mutations import Applied, Mutator
 from scim_pipeline.devstack.emulator.router import AlpnRouter, event_loop_runner
-from scim_pipeline.devstack.emulator.synthetic import generate
+from scim_pipeline.devstack.emulator.synthetic import UserFactory, generate, new_factory
 from scim_pipeline.devstack.emulator.webhooks import WebhookSender, new_webhook_secret
 from scim_pipeline.lib.private_files import write_private
 
@@ -79,8 +79,18 @@ class Emulator:
         self.mutator = Mutator(self.store, new_user=self._hire)
         self.event_log: deque[tuple[int, dict]] = deque(maxlen=10_000)
 
+    def factory(self, organization_id: str) -> UserFactory:
+        """The organization's user factory; one created after start-up gets its own on first use."""
+        factory = self.factories.get(organization_id)
+        if factory is None:
+            factory = self.factories[organization_id] = new_factory(
+                self.seed, self.store.organizations[organization_id], self.factories)
+        return factory
+
     def _hire(self, user, at: int) -> None:
-        self.factories[user.organization_id].fill(user, at)
+        factory = self.factory(user.organization_id)
+        factory.providers.setdefault(user.directory_id, self.store.directories[user.directory_id].provider)
+        factory.fill(user, at)
 
     def mutate(self, ops) -> list[Applied]:
         """Apply a batch all-or-nothing (raises MutationError), then log and send its events in order."""
@@ -90,10 +100,6 @@ class Emulator:
             self.event_log.extend((_occurred_us(e), e) for e in events)
             self.sender.publish(events)
         return applied
-
-    def toggle_directory(self, organization_id: str, directory_id: str, enabled: bool) -> bool:
-        self.mutate([{"op": "enable_directory" if enabled else "disable_directory", "directory_id": directory_id}])
-        return enabled
 
     def recent_events(self) -> list[tuple[int, dict]]:
         with self.store.lock:
@@ -140,7 +146,7 @@ class Emulator:
 
         grpc_server, grpc_port = build_server(
             self.store, Edge(self.tokens, self.faults), "https://localhost", self.recent_events,
-            toggle=self.toggle_directory,
+            mutate=self.mutate,
             tls_key_and_cert=(files.server_key.read_bytes(), files.server_cert.read_bytes()))
         self.grpc_port = grpc_port
         router = AlpnRouter(tls.server_context(files), grpc_port,

@@ -197,6 +197,15 @@ def generate(seed: int, orgs: int, users_per_org: int, groups_per_org: int
     return store, factories
 
 
+def new_factory(seed: int, org: Organization, factories: dict[str, UserFactory]) -> UserFactory:
+    """The user factory of an organization created after start-up: the same pools, a generator of its own (seeded
+    by the seed and the organization's id, so the same mutations give the same users)."""
+    existing = next(iter(factories.values()), None)
+    pools = existing.pools if existing is not None else make_pools(seed, 1)
+    rng = random.Random(f"scim-pipeline-emulator:{seed}:org:{org.id}")
+    return UserFactory(pools, rng, org, salt=rng.getrandbits(48))
+
+
 def _two_dirs(index: int, rng: random.Random) -> bool:
     # The second organization always has two directories (so small test setups cover the case); others sometimes.
     return index == 1 or (index > 1 and rng.random() < 0.2)

@@ -9,6 +9,7 @@ from scalekit.v1.directories.directories_pb2 import (
     ListDirectoryGroupsRequest,
     ListDirectoryUsersRequest,
 )
+from scalekit.v1.organizations.organizations_pb2 import GetOrganizationUserManagementSettingsRequest
 
 
 def list_all_users(client, org_id: str, dir_id: str, page_size: int = 30, **filters) -> list:
@@ -61,7 +62,7 @@ def snapshot(client) -> dict:
         for d in client.directory.list_directories(org.id)[0].directories:
             assignments = [(a.group_id, a.role_name) for a in d.role_assignments.assignments]
             directories.append({
-                "id": d.id, "provider": DirectoryProvider.Name(d.directory_provider),
+                "id": d.id, "name": d.name, "provider": DirectoryProvider.Name(d.directory_provider),
                 "directory_type": DirectoryType.Name(d.directory_type), "enabled": d.enabled,
                 "role_assignments": [{"group_id": g, "role_name": r} for g, r in assignments],
             })
@@ -84,6 +85,14 @@ def snapshot(client) -> dict:
                     "groups": [{"id": g.id, "name": g.display_name} for g in u.groups],
                     "roles": [{"role_name": r} for r in roles],
                 })
+        # The user-management limit is not part of the organization message: its own method reads it.
+        limit = client.core_client.grpc_exec(
+            client.organization.organization_service.GetOrganizationUserManagementSetting.with_call,
+            GetOrganizationUserManagementSettingsRequest(organization_id=org.id))[0].settings
         out.append({"id": org.id, "display_name": org.display_name, "external_id": org.external_id,
+                    "metadata": dict(org.metadata),
+                    "settings": {"features": [{"name": f.name, "enabled": f.enabled} for f in org.settings.features],
+                                 "max_allowed_users": (limit.max_allowed_users.value
+                                                       if limit.HasField("max_allowed_users") else None)},
                     "directories": directories, "users": users, "groups": groups})
     return {"organizations": out}
