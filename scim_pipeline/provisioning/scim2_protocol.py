@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import httpx
-from scim2_models import Email, Error, Group, Name, PatchOp, PatchOperation, Role, ServiceProviderConfig, User
+from scim2_models import Error, ServiceProviderConfig
 
 from scim_pipeline.config import ORG_PLACEHOLDER, Scim2Settings
 from scim_pipeline.lib.retry import RetryPolicy
@@ -41,6 +41,9 @@ from scim_pipeline.provisioning.changes_protocol import (
 )
 
 SCIM_JSON = "application/scim+json"
+USER_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:User"
+GROUP_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:Group"
+PATCH_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
 USER, GROUP = "User", "Group"
 _ENDPOINTS = {USER: "/Users", GROUP: "/Groups"}
 
@@ -107,18 +110,23 @@ class _OrgState:
         self.removed.add((rtype, ext))
 
 
-def user_resource(record: dict, roles: list[str] = ()) -> dict:
-    """A directory user's desired record as a SCIM ``User`` (the mapping of docs/scim2.md)."""
+def user_resource(record: dict) -> dict:
+    """A directory user's desired record as a SCIM ``User`` (the mapping of docs/scim2.md). Built as plain JSON,
+    not through scim2-models: its email validation refuses (and its normalization rewrites) addresses directories do
+    hold, such as ``@corp.local``; the application is the judge of what it accepts."""
     email = record.get("email")
-    user = User(
-        external_id=record["user_id"],
-        user_name=email or record.get("preferred_username") or record["user_id"],
-        name=Name(given_name=record.get("given_name"), family_name=record.get("family_name")),
-        emails=[Email(value=email, primary=True)] if email else None,
-        active=bool(record.get("active", True)),
-        roles=[Role(value=r) for r in roles] or None,
-    )
-    return user.model_dump(mode="json", exclude_none=True, by_alias=True)
+    name = {k: v for k, v in (("givenName", record.get("given_name")), ("familyName", record.get("family_name")))
+            if v is not None}
+    user: dict[str, Any] = {
+        "schemas": [USER_SCHEMA],
+        "externalId": record["user_id"],
+        "userName": email or record.get("preferred_username") or record["user_id"],
+        "name": name,
+        "active": bool(record.get("active", True)),
+    }
+    if email:
+        user["emails"] = [{"value": email, "primary": True}]
+    return user  # roles come with their own changes (PATCH), as memberships do
 
 
 def _user_replacements(record: dict) -> list[dict]:
@@ -229,6 +237,8 @@ class Scim2Client:
                 raise
             except ScimError as exc:
                 error = str(exc)
+            except (ValueError, KeyError) as exc:  # a change without what its request needs: this change only
+                error = f"malformed change: {_one_line(exc)}"
             results.append(ChangeResult(change["change_id"], "applied" if error is None else "rejected", error))
         return results
 
@@ -340,18 +350,20 @@ class Scim2Client:
             state.drop(GROUP, group_id)
             state.forget_group_links.add(group_id)
         display_name = name or group_id
-        body = Group(external_id=group_id, display_name=display_name).model_dump(
-            mode="json", exclude_none=True, by_alias=True)
-        try:
-            scim_id = self._request(org, "POST", _ENDPOINTS[GROUP], body)["id"]
-        except ScimError as exc:
-            if exc.status != 409:
-                raise
-            existing = self._search(org, GROUP, "displayName", display_name)
-            if existing is None:
-                raise
-            scim_id = existing["id"]
-            self._modify(org, GROUP, scim_id, [{"op": "replace", "path": "externalId", "value": group_id}])
+        body = {"schemas": [GROUP_SCHEMA], "externalId": group_id, "displayName": display_name}
+        # displayName is seldom unique in an application (no 409 to rely on), and groups are few: searched first.
+        existing = self._search(org, GROUP, "displayName", display_name)
+        if existing is None:
+            try:
+                scim_id = self._request(org, "POST", _ENDPOINTS[GROUP], body)["id"]
+                state.put(GROUP, group_id, scim_id, display_name)
+                return scim_id
+            except ScimError as exc:
+                existing = self._search(org, GROUP, "displayName", display_name) if exc.status == 409 else None
+                if existing is None:
+                    raise
+        scim_id = existing["id"]  # a group made by hand (or by a send whose answer was lost): adopted
+        self._modify(org, GROUP, scim_id, [{"op": "replace", "path": "externalId", "value": group_id}])
         state.put(GROUP, group_id, scim_id, display_name)
         return scim_id
 
@@ -428,10 +440,7 @@ class Scim2Client:
         path = f"{_ENDPOINTS[rtype]}/{scim_id}"
         caps = self.capabilities(org)
         if caps.patch:
-            body = PatchOp[User if rtype == USER else Group](
-                operations=[PatchOperation(**o) for o in operations]).model_dump(mode="json", by_alias=True,
-                                                                                   exclude_none=True)
-            self._request(org, "PATCH", path, body)
+            self._request(org, "PATCH", path, {"schemas": [PATCH_SCHEMA], "Operations": operations})
             return
         for attempt in range(3):
             resource, etag = self._request(org, "GET", path, with_etag=True)
@@ -515,6 +524,11 @@ def _scim_error(response: httpx.Response) -> ScimError:
     except ValueError:
         text = response.text.strip().replace("\n", " ")
         return ScimError(response.status_code, None, text[:300] + ("..." if len(text) > 300 else ""))
+
+
+def _one_line(exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] + ("..." if len(text) > 300 else "")
 
 
 def _apply_locally(resource: dict, operation: dict) -> None:
