@@ -10,13 +10,14 @@ from scim_pipeline.devstack.convergence import differences
 from scim_pipeline.devstack.scim2_app import start_scim2_server
 from scim_pipeline.provisioning.role_mapping import load_role_mapping
 from scim_pipeline_tests.emulator_support import RunningEmulator
+from scim_pipeline_tests.pipeline.test_webhook_events import apply_webhooks, start_receiver, wait_for_inbox
 
 QUIET = {"say": lambda _: None}
 
 
 class ScimWorld:
-    def __init__(self, emulator, app):
-        self.emulator, self.app = emulator, app
+    def __init__(self, home, emulator, app):
+        self.home, self.emulator, self.app = home, emulator, app
 
     def org_ids(self):
         return sorted(o["id"] for o in self.emulator.state()["organizations"])
@@ -42,7 +43,7 @@ def scim_world(home, monkeypatch):
     for name, value in app.env().items():
         monkeypatch.setenv(name, value)
     try:
-        yield ScimWorld(emulator, app)
+        yield ScimWorld(home, emulator, app)
     finally:
         app.stop()
         emulator.stop()
@@ -69,18 +70,8 @@ def test_a_first_sync_and_directory_changes_converge_in_the_scim_application(sci
     org = scim_world.emulator.state()["organizations"][0]
     users = sorted(org["users"], key=lambda u: u["id"])
     groups = sorted(org["groups"], key=lambda g: g["id"])
-    member = next(u for u in users[3:] if u["groups"])
-    scim_world.emulator.mutate([
-        {"op": "create_user", "organization_id": org["id"],
-         "user": {"email": "new.hire@example.com", "given_name": "New", "family_name": "Hire"},
-         "groups": [groups[0]["id"]]},
-        {"op": "delete_user", "user_id": users[0]["id"]},
-        {"op": "deactivate_user", "user_id": users[1]["id"]},
-        {"op": "update_user", "user_id": users[2]["id"], "changes": {"family_name": "Renamed"}},
-        {"op": "remove_member", "group_id": member["groups"][0]["id"], "user_id": member["id"]},
-        {"op": "rename_group", "group_id": groups[1]["id"], "display_name": "Platform Engineering"},
-        {"op": "delete_group", "group_id": groups[2]["id"]},
-    ])
+    scim_world.emulator.mutate(directory_changes(org) + [
+        {"op": "update_user", "user_id": users[2]["id"], "changes": {"family_name": "Renamed"}}])
     run_sync(**QUIET)
 
     assert scim_world.differences() == []
@@ -95,3 +86,38 @@ def test_a_first_sync_and_directory_changes_converge_in_the_scim_application(sci
     assert leftover.empty, leftover
     user_names = [u["user_name"] for u in scim_world.app_state()["users"]]
     assert len(user_names) == len(set(user_names))
+
+
+def directory_changes(org):
+    """Every kind of directory change: deactivate, delete, create, membership removed, group renamed, group deleted."""
+    users = sorted(org["users"], key=lambda u: u["id"])
+    groups = sorted(org["groups"], key=lambda g: g["id"])
+    member = next(u for u in users[3:] if u["groups"])
+    return [
+        {"op": "create_user", "organization_id": org["id"],
+         "user": {"email": "new.hire@example.com", "given_name": "New", "family_name": "Hire"},
+         "groups": [groups[0]["id"]]},
+        {"op": "delete_user", "user_id": users[0]["id"]},
+        {"op": "deactivate_user", "user_id": users[1]["id"]},
+        {"op": "remove_member", "group_id": member["groups"][0]["id"], "user_id": member["id"]},
+        {"op": "rename_group", "group_id": groups[1]["id"], "display_name": "Platform Engineering"},
+        {"op": "delete_group", "group_id": groups[2]["id"]},
+    ]
+
+
+def test_directory_changes_converge_in_the_scim_application_through_the_webhook_path(scim_world):
+    receiver = start_receiver(scim_world)
+    try:
+        run_sync(**QUIET)
+        org = scim_world.emulator.state()["organizations"][1]
+        results = scim_world.emulator.mutate(directory_changes(org))
+        wait_for_inbox({e for r in results for e in r["event_ids"]})
+        apply_webhooks(None)  # incremental runs, no full sync
+        assert set(query("SELECT type FROM webhook_events").type) >= {
+            "organization.directory.group_deleted", "organization.directory.user_deleted"}
+        assert scim_world.differences() == []
+        assert scim_world.groups() == expected_groups(scim_world.emulator.state())
+        leftover = query("SELECT status FROM change_sets WHERE status <> 'delivered'")
+        assert leftover.empty, leftover
+    finally:
+        receiver.stop()
