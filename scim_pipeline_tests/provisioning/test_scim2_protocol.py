@@ -289,3 +289,18 @@ def test_a_refused_token_rejects_the_batch_with_the_scim_error(server, org, ware
     assert report.applied == 0 and report.rejected == 2
     assert {r[4].split(":")[0] for r in ledger(warehouse, org)} == {"rejected"}
     assert "HTTP 401" in ledger(warehouse, org)[0][4]
+
+
+def test_a_malformed_change_is_rejected_alone_with_a_clear_error(server, org):
+    changes = [
+        {"change_id": "chg_1", "entity": "membership", "op": "add", "data": {"group_id": "g1"}},  # no user_id
+        {"change_id": "chg_2", "entity": "team", "op": "add", "data": {}},
+        {"change_id": "chg_3", "entity": "user", "op": "create",
+         "data": {"user_id": "u1", "email": "u1@corp.local", "given_name": "A", "family_name": "B", "active": True}},
+    ]
+    with Scim2Client(server.settings(), sleep=lambda _: None) as client:
+        results = client.send_batch(org, changes)
+    assert [(r.status, r.error) for r in results] == [
+        ("rejected", "malformed change: 'user_id'"), ("rejected", "unknown change team.add"), ("applied", None)]
+    # An address a strict email check would refuse (a reserved domain) is the application's to judge, and it took it.
+    assert [u["email"] for u in state(server, org)["users"]] == ["u1@corp.local"]
