@@ -7,7 +7,7 @@ protocol, and ``deliver_ready`` (what a delivery run calls) delivers every organ
 ``--churn`` of the users changed (renamed, deactivated, moved to another group), as an incremental sync would.
 Both applications run in processes of their own on this machine; each side's wall time counts. The ``changes``
 protocol sends batches of up to 500 changes; SCIM sends one request per change, so the ratio is mostly requests per
-change.
+change and the server's time per request; the pipeline's own CPU per change is printed beside it.
 
     python bench/scim2.py [--orgs 3] [--users 300] [--groups 10] [--churn 0.1]
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import resource
 import shutil
 import sys
 import tempfile
@@ -78,14 +79,20 @@ def directory(warehouse: Warehouse, orgs: list[str], users: int, groups: int, rn
         compute_change_sets(con, None, T0 + timedelta(minutes=1 if churn == 0 else 10))
 
 
-def deliver(warehouse: Warehouse, client, orgs: list[str], outbox: OutboxIndex, when: datetime) -> tuple[int, float]:
-    started = time.perf_counter()
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def deliver(warehouse: Warehouse, client, orgs: list[str], outbox: OutboxIndex, when: datetime) -> tuple:
+    """(changes applied, wall seconds, CPU seconds of this process: the pipeline's side of the exchange)."""
+    started, cpu = time.perf_counter(), cpu_seconds()
     report = deliver_ready(warehouse, client, orgs, outbox, DeliveryPolicy(), now=lambda: when,
                            progress=lambda _: None)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, cpu_seconds() - cpu
     if report.rejected or report.failed:
         raise SystemExit(f"delivery incomplete: {report}")
-    return report.applied, elapsed
+    return report.applied, elapsed, cpu
 
 
 def main() -> int:
@@ -129,11 +136,12 @@ def main() -> int:
         print(f"{args.orgs} organizations x {args.users} users, {args.groups} groups each; "
               f"then {args.churn:.0%} of the users changed")
         for label, i in (("first sync", 0), ("churn", 1)):
-            (n_c, t_c), (n_s, t_s) = runs["changes"][i], runs["scim2"][i]
+            (n_c, t_c, cpu_c), (n_s, t_s, cpu_s) = runs["changes"][i], runs["scim2"][i]
             rate_c, rate_s = n_c / t_c, n_s / t_s
             print(f"{label:>10}: changes protocol {n_c} changes in {t_c:.2f}s = {rate_c:,.0f}/s; "
-                  f"scim2 {n_s} changes in {t_s:.2f}s = {rate_s:,.0f}/s; ratio scim2/changes {rate_s / rate_c:.2f}")
-        total = sum(n for n, _ in runs["scim2"])
+                  f"scim2 {n_s} changes in {t_s:.2f}s = {rate_s:,.0f}/s; ratio scim2/changes {rate_s / rate_c:.2f}"
+                  f" (pipeline CPU per change: changes {1e3 * cpu_c / n_c:.2f} ms, scim2 {1e3 * cpu_s / n_s:.2f} ms)")
+        total = sum(n for n, _, _ in runs["scim2"])
         print(f"scim2: {runs['requests']} HTTP requests for {total} changes "
               f"({runs['requests'] / total:.2f} per change)")
     finally:
