@@ -133,7 +133,7 @@ def _applied_once(stack: Stack) -> tuple[str, bool]:
     """What the application says of how often it applied changes: the demo application counts each change's
     applications; a SCIM application must hold no account or group twice (per tenant, by externalId and name)."""
     if stack.scim2 is None:
-        applied, once = _applied_once(stack)
+        stats = stack.app_stats()
         return (f"{stats['changes_applied']} changes applied, each at most {stats['max_applications']} time(s)",
                 stats["max_applications"] <= 1)
     state = stack.app_state()
