@@ -17,11 +17,14 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest
 
+# APP=scim2: a SCIM 2.0 application (scim2-server) instead of the demo application.
+APP ?= demo
+
 demo: $(STAMP)
-	$(BIN)/scim-pipeline demo
+	$(BIN)/scim-pipeline demo --app $(APP)
 
 dev: $(STAMP)
-	$(BIN)/scim-pipeline dev
+	$(BIN)/scim-pipeline dev --app $(APP)
 
 bench: $(STAMP)
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done

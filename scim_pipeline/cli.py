@@ -79,8 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--org", default=None, metavar="ORG_ID", help="the organization whose dead changes to retry")
     which.add_argument("--all", action="store_true", help="every organization's dead changes")
 
-    sub.add_parser("demo", help="run the whole pipeline end to end, headless, on the embedded services")
-    sub.add_parser("dev", help="embedded services plus `dagster dev` with sensors and schedules running")
+    apps = {"choices": ["demo", "scim2"], "default": "demo",
+            "help": "the application: the demo application (the changes protocol) or scim2-server, a SCIM 2.0 "
+                    "application (default demo)"}
+    p = sub.add_parser("demo", help="run the whole pipeline end to end, headless, on the embedded services")
+    p.add_argument("--app", **apps)
+    p = sub.add_parser("dev", help="embedded services plus `dagster dev` with sensors and schedules running")
+    p.add_argument("--app", **apps)
     return parser
 
 

@@ -113,6 +113,54 @@ class ScalekitSettings:
     client_secret: str = field(repr=False)
 
 
+PROTOCOL_VAR = "SCIM_PIPELINE_APP_PROTOCOL"
+PROTOCOLS = ("changes", "scim2")
+TENANTS_VAR = "SCIM_PIPELINE_APP_TENANTS"
+ORG_PLACEHOLDER = "{organization_id}"
+
+
+@dataclass(frozen=True)
+class Scim2Tenant:
+    url: str | None
+    token: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Scim2Settings:
+    url: str  # may hold {organization_id}
+    token: str | None = field(repr=False)
+    tenants: dict[str, Scim2Tenant] = field(default_factory=dict)  # organization id -> its own URL and token
+
+
+def read_tenants(path: Path) -> dict[str, Scim2Tenant]:
+    """The per-organization SCIM URLs and tokens of a YAML file: ``{organization_id: {url: ..., token: ...}}``
+    (either key may be left out: the general setting applies). Anything else is a ConfigError naming the setting."""
+    import yaml
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"{TENANTS_VAR} ({path}) is malformed: {why}")
+
+    if not path.is_file():
+        raise ConfigError(f"{TENANTS_VAR} names no file: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise bad(f"not YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise bad("expected a mapping of organization ids to {url, token}")
+    tenants = {}
+    for org, entry in raw.items():
+        if not isinstance(entry, dict) or set(entry) - {"url", "token"}:
+            raise bad(f"{org}: expected a mapping with url and/or token")
+        url, token = entry.get("url"), entry.get("token")
+        if url is not None and not (isinstance(url, str) and re.match(r"^https?://[^/\s]+(/\S*)?$", url)):
+            raise bad(f"{org}: url expected http(s)://host[:port][/path]")
+        if token is not None and not (isinstance(token, str) and token.strip()):
+            raise bad(f"{org}: token expected a non-empty string")
+        tenants[str(org)] = Scim2Tenant(url.rstrip("/") if url else None, token)
+    return tenants
+
+
 @dataclass(frozen=True)
 class Settings:
     home: Path
@@ -151,6 +199,26 @@ class Settings:
 
     def app_secret(self) -> str:
         return _secret("SCIM_PIPELINE_APP_SECRET", self._require("SCIM_PIPELINE_APP_SECRET"))
+
+    def app_protocol(self) -> str:
+        """How change sets reach the application: ``changes`` (this product's endpoint) or ``scim2``."""
+        value = (lookup(PROTOCOL_VAR, self.home) or "changes").strip().lower()
+        if value not in PROTOCOLS:
+            raise ConfigError(f"{PROTOCOL_VAR} is malformed: expected one of {', '.join(PROTOCOLS)}, got {value!r}")
+        return value
+
+    def scim2(self) -> "Scim2Settings":
+        """The SCIM 2.0 service provider: the base URL (``{organization_id}`` names each organization's tenant),
+        the bearer token, and the per-organization URLs and tokens of ``SCIM_PIPELINE_APP_TENANTS``."""
+        url = self.app_url()
+        if url.replace(ORG_PLACEHOLDER, "").count("{") or url.replace(ORG_PLACEHOLDER, "").count("}"):
+            raise ConfigError(f"SCIM_PIPELINE_APP_URL is malformed: the only placeholder is {ORG_PLACEHOLDER}, "
+                              f"got {url!r}")
+        tenants: dict[str, Scim2Tenant] = {}
+        path = os.environ.get(TENANTS_VAR)
+        if path:
+            tenants = read_tenants(Path(path).expanduser())
+        return Scim2Settings(url, lookup("SCIM_PIPELINE_APP_TOKEN", self.home), tenants)
 
     def role_mappings_path(self) -> Path:
         value = os.environ.get("SCIM_PIPELINE_ROLE_MAPPINGS")

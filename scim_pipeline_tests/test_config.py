@@ -93,3 +93,50 @@ def test_a_malformed_warehouse_wait_stops_sync_with_one_line(home, monkeypatch, 
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"scim-pipeline sync: configuration error: SCIM_PIPELINE_WAREHOUSE_WAIT_S is malformed: "
                    f"expected a positive number of seconds, got {value!r}"]
+
+
+def test_the_delivery_protocol_is_changes_unless_set_and_a_bad_one_is_named(home, monkeypatch):
+    assert settings().app_protocol() == "changes"
+    monkeypatch.setenv("SCIM_PIPELINE_APP_PROTOCOL", "scim3")
+    with pytest.raises(ConfigError, match="SCIM_PIPELINE_APP_PROTOCOL is malformed: expected one of changes, scim2"):
+        settings().app_protocol()
+
+
+def test_scim2_settings_take_a_tenant_placeholder_a_token_and_a_tenants_file(home, monkeypatch, tmp_path):
+    from scim_pipeline.defs.resources import ApplicationResource
+    from scim_pipeline.provisioning.scim2_protocol import Scim2Client
+
+    monkeypatch.setenv("SCIM_PIPELINE_APP_PROTOCOL", "scim2")
+    monkeypatch.setenv("SCIM_PIPELINE_APP_URL", "https://app.example.com/scim/v2/{organization_id}")
+    monkeypatch.setenv("SCIM_PIPELINE_APP_TOKEN", "general-token")
+    tenants = tmp_path / "tenants.yaml"
+    tenants.write_text("org_1:\n  url: https://other.example.com/scim/v2\n  token: own-token\norg_2:\n  token: t2\n")
+    monkeypatch.setenv("SCIM_PIPELINE_APP_TENANTS", str(tenants))
+    scim2 = settings().scim2()
+    assert "general-token" not in repr(scim2) and "own-token" not in repr(scim2)  # secrets are never printed
+    with ApplicationResource().client() as client:
+        assert isinstance(client, Scim2Client)
+        assert client.base_url("org_1") == "https://other.example.com/scim/v2"
+        assert client.base_url("org_2") == "https://app.example.com/scim/v2/org_2"
+        assert (client._token("org_1"), client._token("org_2"), client._token("org_3")) == (
+            "own-token", "t2", "general-token")
+
+
+@pytest.mark.parametrize("url, text, message", [
+    ("https://app.example.com/{tenant}/v2", None, "SCIM_PIPELINE_APP_URL is malformed: the only placeholder is"),
+    ("https://x.example.com/{organization_id}", None, "SCIM_PIPELINE_APP_TENANTS names no file"),
+    ("https://x.example.com/{organization_id}", "org_1: [", "SCIM_PIPELINE_APP_TENANTS .* is malformed: not YAML"),
+    ("https://x.example.com/{organization_id}", "- org_1", "expected a mapping of organization ids"),
+    ("https://x.example.com/{organization_id}", "org_1:\n  url: ftp://x\n", "org_1: url expected http"),
+    ("https://x.example.com/{organization_id}", "org_1:\n  secret: x\n", "org_1: expected a mapping with url"),
+    ("https://x.example.com/{organization_id}", "org_1:\n  token: ''\n", "org_1: token expected a non-empty"),
+])
+def test_bad_scim2_settings_are_one_line_naming_the_setting(home, monkeypatch, tmp_path, url, text, message):
+    monkeypatch.setenv("SCIM_PIPELINE_APP_URL", url)
+    tenants = tmp_path / "tenants.yaml"
+    if text is not None:
+        tenants.write_text(text)
+    monkeypatch.setenv("SCIM_PIPELINE_APP_TENANTS", str(tenants))
+    with pytest.raises(ConfigError, match=message) as info:
+        settings().scim2()
+    assert "\n" not in str(info.value)

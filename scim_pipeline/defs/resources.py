@@ -8,6 +8,7 @@ to Scalekit or the application, not every step of a run that merely has the reso
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import dagster as dg
@@ -15,7 +16,8 @@ import dagster as dg
 from scim_pipeline.config import settings
 from scim_pipeline.defs import run_process
 from scim_pipeline.lib.retry import RetryPolicy
-from scim_pipeline.provisioning.changes_protocol import ApplicationClient
+from scim_pipeline.provisioning.changes_protocol import ApplicationClient, DeliveryClient
+from scim_pipeline.provisioning.scim2_protocol import Scim2Client
 from scim_pipeline.scalekit.directory_api import DirectoryAPI
 from scim_pipeline.warehouse.connection import Warehouse
 
@@ -49,15 +51,22 @@ class ScalekitResource(dg.ConfigurableResource):
 
 
 class ApplicationResource(dg.ConfigurableResource):
-    """The application the pipeline delivers to. Unset fields come from the settings (SCIM_PIPELINE_APP_URL,
-    SCIM_PIPELINE_APP_SECRET, or the demo application's app.env)."""
+    """The application the pipeline delivers to, over the protocol SCIM_PIPELINE_APP_PROTOCOL names: ``changes``
+    (SCIM_PIPELINE_APP_URL, SCIM_PIPELINE_APP_SECRET, or the demo application's app.env) or ``scim2`` (a SCIM 2.0
+    service provider: SCIM_PIPELINE_APP_URL, SCIM_PIPELINE_APP_TOKEN, SCIM_PIPELINE_APP_TENANTS). Unset fields come
+    from the settings."""
 
     url: Optional[str] = None
     timeout_s: Optional[float] = None
     max_attempts: Optional[int] = None
 
-    def client(self) -> ApplicationClient:
+    def client(self) -> DeliveryClient:
         cfg = settings()
+        if cfg.app_protocol() == "scim2":
+            scim2 = cfg.scim2()
+            if self.url:
+                scim2 = dataclasses.replace(scim2, url=self.url)
+            return Scim2Client(scim2, timeout=self.timeout_s or 10.0, max_attempts=self.max_attempts or 5)
         return ApplicationClient(
             self.url or cfg.app_url(),
             cfg.app_secret(),

@@ -47,7 +47,8 @@ def _fresh_home() -> Path:
 def _embedded_environment(home: Path) -> None:
     """The demo always runs on its own embedded services, whatever the shell points at."""
     for var in ("SCALEKIT_ENVIRONMENT_URL", "SCALEKIT_CLIENT_ID", "SCALEKIT_CLIENT_SECRET", "SCALEKIT_WEBHOOK_SECRET",
-                "SCIM_PIPELINE_APP_URL", "SCIM_PIPELINE_APP_SECRET", "DAGSTER_HOME"):
+                "SCIM_PIPELINE_APP_URL", "SCIM_PIPELINE_APP_SECRET", "SCIM_PIPELINE_APP_PROTOCOL",
+                "SCIM_PIPELINE_APP_TOKEN", "SCIM_PIPELINE_APP_TENANTS", "DAGSTER_HOME"):
         os.environ.pop(var, None)
     os.environ[config.HOME_VAR] = str(home)
 
@@ -128,7 +129,23 @@ def _settle(stack: Stack, timeout: float) -> bool:
     return False
 
 
-def run_demo() -> bool:
+def _applied_once(stack: Stack) -> tuple[str, bool]:
+    """What the application says of how often it applied changes: the demo application counts each change's
+    applications; a SCIM application must hold no account or group twice (per tenant, by externalId and name)."""
+    if stack.scim2 is None:
+        stats = stack.app_stats()
+        return (f"{stats['changes_applied']} changes applied, each at most {stats['max_applications']} time(s)",
+                stats["max_applications"] <= 1)
+    state = stack.app_state()
+    keys = [("user", u["organization_id"], u["user_id"]) for u in state["users"]]
+    keys += [("userName", u["organization_id"], (u["user_name"] or "").lower()) for u in state["users"]]
+    keys += [("group", g["organization_id"], g["group_id"]) for g in state["groups"]]
+    twice = len(keys) - len(set(keys))
+    return (f"{len(state['users'])} users and {len(state['groups'])} groups read back over SCIM, "
+            f"{twice} held twice", twice == 0)
+
+
+def run_demo(app: str = "demo") -> bool:
     from scim_pipeline.commands import print_summary, run_sync, summarize
 
     home = _fresh_home()
@@ -137,10 +154,11 @@ def run_demo() -> bool:
     started = time.monotonic()
     with Stack(home) as stack:
         receiver_port = free_port()
-        say("Starting the Scalekit emulator, the webhook receiver and the demo application ...")
+        say("Starting the Scalekit emulator, the webhook receiver and "
+            + ("a SCIM 2.0 application (scim2-server) ..." if app == "scim2" else "the demo application ..."))
         stack.start_emulator(*DEMO_EMULATOR, webhook_port=receiver_port)
         stack.start_receiver(receiver_port)
-        stack.start_app()
+        stack.start_scim2_app() if app == "scim2" else stack.start_app()
         say(f"  emulator {stack.emulator_env['SCALEKIT_ENVIRONMENT_URL']}, receiver {stack.receiver.url}, "
             f"application {stack.app.url}")
 
@@ -184,18 +202,19 @@ def run_demo() -> bool:
 
         truth = stack.truth()
         diffs = differences(stack.app_state(), truth, load_role_mapping(config.settings().role_mappings_path()))
+        if stack.scim2 is not None:
+            diffs += _group_differences(stack, truth)
         summary = summarize()
         delivered = query("SELECT entity || '.' || op AS kind, count(*) AS n FROM change_sets "
                           "WHERE status = 'delivered' GROUP BY 1 ORDER BY 1")
         events = query("SELECT outcome, count(*) AS n FROM webhook_events GROUP BY 1 ORDER BY 1")
-        stats = stack.app_stats()
+        applied, once = _applied_once(stack)
 
         say("\nSummary")
         print_summary(summary)
         say("delivered by type: " + ", ".join(f"{k} {v}" for k, v in zip(delivered.kind, delivered.n)))
         say("webhook events: " + (", ".join(f"{k} {v}" for k, v in zip(events.outcome, events.n)) or "none"))
-        say(f"application: {stats['changes_applied']} changes applied, each at most "
-            f"{stats['max_applications']} time(s)")
+        say(f"application: {applied}")
         if latencies:
             p95 = sorted(latencies)[max(0, int(round(0.95 * len(latencies))) - 1)]
             say(f"webhook-to-application latency: p50 {statistics.median(latencies):.1f}s, p95 {p95:.1f}s "
@@ -203,14 +222,24 @@ def run_demo() -> bool:
         say(f"took {time.monotonic() - started:.0f}s")
         for line in diffs:
             say("  " + line)
-        converged = not diffs and stats["max_applications"] <= 1
+        converged = not diffs and once
         say(f"converged: {'yes' if converged else 'no'}")
         return converged
 
 
+def _group_differences(stack: Stack, truth: dict) -> list[str]:
+    """A SCIM application also holds groups: each directory group with members, by its current name."""
+    want = {(o["id"], g["id"], g["display_name"]) for o in truth["organizations"] for g in o["groups"]
+            if any(g["id"] in {x["id"] for x in u["groups"]} for u in o["users"])}
+    have = {(g["organization_id"], g["group_id"], g["display_name"]) for g in stack.app_state()["groups"]}
+    if want == have:
+        return []
+    return [f"groups: missing {sorted(want - have)[:3]}, unexpected {sorted(have - want)[:3]}"]
+
+
 def demo_from_cli(args) -> int:
     _stop_on_signals()
-    return 0 if run_demo() else 1
+    return 0 if run_demo(getattr(args, "app", "demo")) else 1
 
 
 def dev_from_cli(args) -> int:
@@ -227,7 +256,10 @@ def dev_from_cli(args) -> int:
             say(f"Scalekit emulator: {stack.emulator_env['SCALEKIT_ENVIRONMENT_URL']} (30 directory changes a minute)")
         stack.start_receiver(8090 if real_scalekit else receiver_port)
         say(f"Webhook receiver:  {stack.receiver.url}/webhooks/scalekit")
-        if not real_app:
+        if not real_app and getattr(args, "app", "demo") == "scim2":
+            stack.start_scim2_app()
+            say(f"SCIM application:  {stack.scim2.url} (scim2-server; bearer token in SCIM_PIPELINE_APP_TOKEN)")
+        elif not real_app:
             stack.start_app()
             say(f"Demo application:  {stack.app.url}/state")
         stack.start_dagster_dev(3000)

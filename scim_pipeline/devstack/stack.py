@@ -28,6 +28,7 @@ class Stack:
         self.emulator: services.Service | None = None
         self.receiver: services.Service | None = None
         self.app: services.Service | None = None
+        self.scim2 = None  # a Scim2App, when the application is a SCIM 2.0 server
         self.dagster: subprocess.Popen | None = None
         self.emulator_env: dict[str, str] = {}
         self._http: httpx.Client | None = None
@@ -61,6 +62,16 @@ class Stack:
             "app", list(args), self.home, port=port,
             ready=lambda s: app_env.exists() and _http_ok(f"{s.url}/healthz")))
         os.environ.update(config.read_dotenv(app_env))
+        return self.app
+
+    def start_scim2_app(self, port: int | None = None) -> services.Service:
+        """``scim2-server`` as the application (a tenant per organization, a bearer token), and the pipeline's
+        settings pointing at it, for this process and the ones it starts."""
+        from scim_pipeline.devstack.scim2_app import start_scim2_server
+
+        self.scim2 = start_scim2_server(self.home, port=port)
+        self.app = self._track(self.scim2.service)
+        os.environ.update(self.scim2.env())
         return self.app
 
     def _track(self, service: services.Service) -> services.Service:
@@ -145,6 +156,11 @@ class Stack:
         self._emulator_http().post("/_emulator/faults", json=settings).raise_for_status()
 
     def app_state(self, organization_id: str | None = None) -> dict:
+        """What the application holds, in the demo application's ``GET /state`` shape (a SCIM application is read
+        back over SCIM)."""
+        if self.scim2 is not None:
+            orgs = [organization_id] if organization_id else [o["id"] for o in self.truth()["organizations"]]
+            return self.scim2.state(orgs)
         params = {"organization_id": organization_id} if organization_id else None
         return httpx.get(f"{self.app.url}/state", params=params, timeout=30).json()
 

@@ -132,10 +132,20 @@ roles AS (
            json_object('user_id', h_user, 'role_name', h_role)
     FROM role_pairs WHERE h_user IS NOT NULL
 ),
+groups AS (  -- only the groups the application holds as resources (the SCIM 2.0 protocol's scim_ids): renamed
+    SELECT s.organization_id, 'group' AS entity,   -- or deleted in the directory. A group reaches the application
+           CASE WHEN g.group_id IS NULL OR g.deleted_at IS NOT NULL THEN 'delete' ELSE 'update' END AS op,  -- with
+           NULL AS user_id, s.external_id AS entity_key,   -- its first member; the `changes` protocol has no groups
+           json_object('group_id', s.external_id, 'display_name', g.display_name) AS payload
+    FROM (SELECT * FROM scim_ids WHERE resource_type = 'Group' AND {scope}) s
+    LEFT JOIN directory_groups g ON g.group_id = s.external_id AND g.organization_id = s.organization_id
+    WHERE g.group_id IS NULL OR g.deleted_at IS NOT NULL OR g.display_name IS DISTINCT FROM s.display_name
+),
 changes AS (
     SELECT * FROM users
     UNION ALL SELECT * FROM memberships
     UNION ALL SELECT * FROM roles
+    UNION ALL SELECT * FROM groups
 )
 -- Generation: acknowledged changes per entity key, so that a change recurring after its opposite gets a new id.
 -- (In the same statement as the diff: one temporary table fewer to write, about a tenth of the time.)
@@ -265,7 +275,8 @@ FROM (
 _HOLD_SQL = """
 CREATE OR REPLACE TEMP TABLE _hold AS
 WITH candidates AS (
-    SELECT d.change_id, d.organization_id, d.entity, d.op, d.user_id, g.deprovisions_tripped, g.losses_tripped
+    SELECT d.change_id, d.organization_id, d.entity, d.op, d.user_id, d.payload ->> 'group_id' AS group_id,
+           g.deprovisions_tripped, g.losses_tripped
     FROM _diff d
     JOIN _guard g ON g.organization_id = d.organization_id AND g.tripped
     JOIN change_sets c ON c.change_id = d.change_id
@@ -276,12 +287,20 @@ WITH candidates AS (
 held_users AS (
     SELECT DISTINCT organization_id, user_id FROM candidates
     WHERE deprovisions_tripped AND entity = 'user' AND op IN ('deactivate', 'delete')
+),
+held AS (
+    SELECT c.change_id, c.organization_id, c.entity, c.group_id
+    FROM candidates c
+    LEFT JOIN held_users u ON u.organization_id = c.organization_id AND u.user_id = c.user_id
+    WHERE (c.deprovisions_tripped AND c.entity = 'user' AND c.op IN ('deactivate', 'delete'))
+       OR (c.op IN ('remove', 'revoke') AND (c.losses_tripped OR u.user_id IS NOT NULL))
 )
-SELECT c.change_id
-FROM candidates c
-LEFT JOIN held_users u ON u.organization_id = c.organization_id AND u.user_id = c.user_id
-WHERE (c.deprovisions_tripped AND c.entity = 'user' AND c.op IN ('deactivate', 'delete'))
-   OR (c.op IN ('remove', 'revoke') AND (c.losses_tripped OR u.user_id IS NOT NULL))
+SELECT change_id FROM held
+UNION ALL  -- deleting a group removes its members: held while a removal from it is held
+SELECT c.change_id FROM candidates c
+WHERE c.entity = 'group' AND c.op = 'delete'
+  AND EXISTS (SELECT 1 FROM held h WHERE h.organization_id = c.organization_id AND h.entity = 'membership'
+              AND h.group_id = c.group_id)
 """
 
 

@@ -19,7 +19,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Protocol
 
 import httpx
 from standardwebhooks import Webhook
@@ -31,7 +31,14 @@ CHANGES_PATH = "/scim/changes"
 
 
 class DeliveryError(Exception):
-    """A batch that did not reach the application; its message never holds the secret."""
+    """A batch that did not reach the application; its message never holds the secret.
+
+    A client that sends a batch in several requests (the SCIM 2.0 protocol: one request per change) sets
+    ``answered``, the results of the changes answered before the failure, and ``unsent``, the ids of the batch's
+    changes it never sent; the rest of the batch shares the error's fate."""
+
+    answered: tuple["ChangeResult", ...] = ()
+    unsent: frozenset[str] = frozenset()
 
 
 class DeliveryUnavailable(DeliveryError):
@@ -185,6 +192,15 @@ class ApplicationClient:
     def __repr__(self) -> str:
         return f"ApplicationClient(url={self.url!r})"
 
+    # The delivery calls these around each organization's send, inside its short warehouse transactions; a protocol
+    # that keeps state in the warehouse (the SCIM 2.0 protocol: the ids the application gave) reads and writes it
+    # there. The `changes` protocol keeps none.
+    def read_state(self, con: Any, organization_id: str) -> None:
+        pass
+
+    def write_state(self, con: Any, organization_id: str) -> None:
+        pass
+
     def send_batch(self, organization_id: str, changes: list[dict]) -> list[ChangeResult]:
         """Deliver one batch; one result per change, in the order given. Raises DeliveryUnavailable when the retry
         budget is spent or the application asks for a long wait, DeliveryRejected when it refuses the request, and
@@ -289,8 +305,21 @@ def _results(sent: list[dict], answer: Any) -> list[ChangeResult]:
     ]
 
 
+class DeliveryClient(Protocol):
+    """What the delivery needs of an application client: ``ApplicationClient`` (the ``changes`` protocol) and
+    ``scim2_protocol.Scim2Client`` implement it."""
+
+    def send_batch(self, organization_id: str, changes: list[dict]) -> list[ChangeResult]: ...
+
+    def read_state(self, con: Any, organization_id: str) -> None: ...
+
+    def write_state(self, con: Any, organization_id: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
 def send_changes(
-    client: ApplicationClient, organization_id: str, changes: Iterable[dict], batch_size: int = 500
+    client: DeliveryClient, organization_id: str, changes: Iterable[dict], batch_size: int = 500
 ) -> list[ChangeResult]:
     """Send one organization's changes in protocol order, batch after batch; one result per change.
 
@@ -318,14 +347,22 @@ def send_changes(
             answered = [ChangeResult(chunk[0]["change_id"], "rejected", exc.detail)]
             size = largest_sent or batch_size  # that one change was the trouble, not the size that went through
         except DeliveryRejected as exc:
-            results.extend(ChangeResult(c["change_id"], "rejected", exc.detail) for c in chunk)
+            results.extend(exc.answered)
+            answered_ids = {r.change_id for r in exc.answered}
+            results.extend(ChangeResult(c["change_id"], "rejected", exc.detail) for c in chunk
+                           if c["change_id"] not in answered_ids)
             results.extend(_unsent(ordered[start + len(chunk) :], exc, maybe_applied))
             break
         except DeliveryError as exc:
             retry_after = exc.retry_after if isinstance(exc, DeliveryUnavailable) else None
             in_doubt = exc.maybe_applied if isinstance(exc, DeliveryUnavailable) else True
+            results.extend(exc.answered)
+            answered_ids = {r.change_id for r in exc.answered}
+            rest = [c for c in chunk if c["change_id"] not in answered_ids]
             results.extend(ChangeResult(c["change_id"], "failed", str(exc), retry_after=retry_after,
-                                        in_doubt=in_doubt or c["change_id"] in maybe_applied) for c in chunk)
+                                        in_doubt=in_doubt or c["change_id"] in maybe_applied) for c in rest
+                           if c["change_id"] not in exc.unsent)
+            results.extend(_unsent([c for c in rest if c["change_id"] in exc.unsent], exc, maybe_applied))
             results.extend(_unsent(ordered[start + len(chunk) :], exc, maybe_applied))
             break
         else:

@@ -17,7 +17,7 @@ from typing import Callable
 
 from scim_pipeline.lib.clock import utcnow
 from scim_pipeline.provisioning.change_sets import HOLD_DIRECTORY, apply_directory_holds
-from scim_pipeline.provisioning.changes_protocol import ApplicationClient, ChangeResult, send_changes
+from scim_pipeline.provisioning.changes_protocol import ChangeResult, DeliveryClient, send_changes
 from scim_pipeline.provisioning.ledger import (
     ready_changes,
     record_failure,
@@ -59,7 +59,7 @@ class DeliveryReport:
 
 def deliver_ready(
     warehouse: Warehouse,
-    client: ApplicationClient,
+    client: DeliveryClient,
     organization_ids: list[str],
     outbox: OutboxIndex,
     policy: DeliveryPolicy = DeliveryPolicy(),
@@ -93,6 +93,8 @@ def _deliver_organization(warehouse, client, org, outbox, policy, now, progress,
                                      "AND status = 'held' AND hold_reason = $reason",
                                      {"org": org, "reason": HOLD_DIRECTORY}))
         revival_at = None if changes else _next_revival(con, org, cooldown)
+        if changes:
+            client.read_state(con, org)
     report.revived += revived
     report.replaced += replaced
     if first:
@@ -113,6 +115,7 @@ def _deliver_organization(warehouse, client, org, outbox, policy, now, progress,
                            policy.backoff_cap_s)
         if failed:
             _record_failed(con, org, failed, answered, stamp, policy, report)
+        client.write_state(con, org)
         retry_at = con.execute(
             "SELECT min(next_attempt_at) FROM change_sets WHERE organization_id = $org AND status = 'failed'",
             {"org": org},

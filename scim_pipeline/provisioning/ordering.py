@@ -12,12 +12,14 @@ DELIVERY_RANK = {
     ("user", "create"): 0,
     ("user", "reactivate"): 0,
     ("user", "update"): 1,
+    ("group", "update"): 1,  # groups (the SCIM 2.0 protocol only): renamed before members are added,
     ("membership", "add"): 2,
     ("role", "grant"): 3,
     ("membership", "remove"): 4,
     ("role", "revoke"): 5,
     ("user", "deactivate"): 6,
     ("user", "delete"): 7,
+    ("group", "delete"): 7,  # deleted once their members are removed
 }
 _UNKNOWN_RANK = 8  # sent last; the application rejects them on their own
 

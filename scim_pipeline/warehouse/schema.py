@@ -12,7 +12,8 @@ import duckdb
 # Version 2 added the columns of ADDED_COLUMNS and the table webhook_progress (webhook ordering and progress),
 # change_sets.hold_reason, dead_at, attempts_at_revival and replaces, and
 # organization_settings.deprovision_window_hours; ``create_all`` brings an older file up to date.
-SCHEMA_VERSION = 2
+# Version 3 added the table scim_ids (a new table needs no upgrade statement: ``create_all`` creates it).
+SCHEMA_VERSION = 3
 
 TABLES: dict[str, str] = {
     "organizations": """
@@ -172,6 +173,18 @@ TABLES: dict[str, str] = {
         approved_at TIMESTAMP,
         deprovision_min_users INTEGER,
         deprovision_window_hours DOUBLE
+    """,
+    # The SCIM 2.0 protocol only: the id the SCIM service provider gave each resource the pipeline provisioned or
+    # adopted there (resource_type 'User': external_id is the directory user id; 'Group': the directory group id),
+    # and for a group the displayName the application holds. The groups here are the application's groups: the diff
+    # renames and deletes them (change_sets.py).
+    "scim_ids": """
+        organization_id VARCHAR NOT NULL,
+        resource_type VARCHAR NOT NULL,
+        external_id VARCHAR NOT NULL,
+        scim_id VARCHAR NOT NULL,
+        display_name VARCHAR,
+        PRIMARY KEY (organization_id, resource_type, external_id)
     """,
     "schema_version": """
         version INTEGER NOT NULL
