@@ -64,7 +64,7 @@ def route_of(organization_id: str | None) -> str:
 )
 def webhook_events_sensor(context: dg.SensorEvaluationContext):
     after = int(context.cursor or 0)
-    inbox = Inbox(settings().inbox_path)
+    inbox = Inbox(settings().inbox_location)
     marks = inbox.applied_marks()
     events = inbox.read_after(after, limit=MAX_EVENTS_PER_TICK)
     up_to = events[-1].seq if events else after
