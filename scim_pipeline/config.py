@@ -213,11 +213,11 @@ def check_postgres() -> None:
     url = postgres_url()
     if url is None:
         return
-    import psycopg
+    import psycopg2
 
     try:
         connect(url).close()
-    except psycopg.Error as exc:
+    except psycopg2.Error as exc:
         raise ConfigError(f"{POSTGRES_URL_VAR}: cannot connect to {redact(url)}: "
                           f"{reason(exc, url)}") from None
 

@@ -84,15 +84,6 @@ class PostgresServer:
                                      str(pwfile), "--auth-host=scram-sha-256", "--auth-local=trust",
                                      "--encoding=UTF8", "--locale=C"),
                        check=True, capture_output=True)
-        self._launch(timeout)
-        return self
-
-    def restart(self, timeout: float = 60.0) -> None:
-        """Stop the server (fast shutdown: clients are disconnected) and start it again on the same data and port."""
-        self._shutdown()
-        self._launch(timeout)
-
-    def _launch(self, timeout: float) -> None:
         options = {"listen_addresses": "127.0.0.1", "port": str(self.port), "unix_socket_directories": str(self.root),
                    "max_connections": "200", **self.settings}
         args = [x for k, v in options.items() for x in ("-c", f"{k}={v}")]
@@ -107,22 +98,27 @@ class PostgresServer:
                 self.stop()
                 raise RuntimeError("PostgreSQL did not start:\n" + self.log_tail())
             time.sleep(0.1)
+        return self
 
     def ready(self) -> bool:
-        import psycopg
+        import psycopg2
 
         try:
-            psycopg.connect(self.url(), connect_timeout=1).close()
+            psycopg2.connect(self.url(), connect_timeout=1).close()
             return True
-        except psycopg.OperationalError:
+        except psycopg2.OperationalError:
             return False
 
     def create_database(self, name: str) -> str:
         """A new empty database; its URL."""
-        import psycopg
+        import psycopg2
 
-        with psycopg.connect(self.url(), autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+        conn = psycopg2.connect(self.url())
+        try:
+            conn.autocommit = True
+            conn.cursor().execute(f'CREATE DATABASE "{name}"')
+        finally:
+            conn.close()
         return self.url(name)
 
     def log_tail(self, lines: int = 30) -> str:
@@ -131,7 +127,7 @@ class PostgresServer:
         except FileNotFoundError:
             return ""
 
-    def _shutdown(self) -> None:
+    def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)  # "fast" shutdown: disconnects clients (SIGTERM waits for them)
             try:
@@ -139,9 +135,6 @@ class PostgresServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-
-    def stop(self) -> None:
-        self._shutdown()
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> "PostgresServer":

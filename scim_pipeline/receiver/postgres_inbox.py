@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
-import psycopg
-import psycopg.errors
+import psycopg2
+import psycopg2.errors
 
 from scim_pipeline.lib.postgres import connect, reason, redact
 from scim_pipeline.lib.clock import utc_iso
@@ -61,9 +61,9 @@ _INSERT = (
     " %s::text[]) ON CONFLICT (webhook_id) DO NOTHING"
 )
 # The server went away, refused, or the connection broke: the batch is not stored, and no event is at fault.
-_UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError)
+_UNAVAILABLE = (psycopg2.OperationalError, psycopg2.InterfaceError)
 # Read before any receiver created the tables: an empty inbox.
-_NOT_CREATED = (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName)
+_NOT_CREATED = (psycopg2.errors.UndefinedTable, psycopg2.errors.InvalidSchemaName)
 
 
 def _ensure_schema(conn) -> None:
@@ -95,7 +95,7 @@ class PostgresWriter:
         if self.conn is not None:
             try:
                 self.conn.close()
-            except psycopg.Error:
+            except psycopg2.Error:
                 pass
         self.conn = None
 
@@ -134,7 +134,7 @@ class PostgresWriter:
     def _rollback(self) -> None:
         try:
             self.conn.rollback()
-        except psycopg.Error:
+        except psycopg2.Error:
             self._drop()
 
     def prune(self, cutoff: str, chunk: int) -> int:
@@ -170,8 +170,7 @@ class PostgresStore:
             conn = connect(self.url)
         except _UNAVAILABLE as exc:
             raise InboxUnavailable(f"{self.description}: {reason(exc, self.url)}") from exc
-        conn.autocommit = True
-        conn.read_only = True
+        conn.set_session(readonly=True, autocommit=True)
         return conn
 
     def _query(self, sql: str, params: tuple = ()) -> list[tuple]:

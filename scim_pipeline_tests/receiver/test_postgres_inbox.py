@@ -9,7 +9,7 @@ import threading
 import time
 
 import httpx
-import psycopg
+import psycopg2
 import pytest
 
 from scim_pipeline.devstack import services
@@ -24,9 +24,14 @@ def start_receiver(home, secret: str, url: str) -> services.Service:
 
 
 def _sql(url: str, statement: str, params: tuple = ()) -> list[tuple]:
-    with psycopg.connect(url, autocommit=True) as conn, conn.cursor() as cur:
-        cur.execute(statement, params)
-        return cur.fetchall() if cur.description else []
+    conn = psycopg2.connect(url)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(statement, params)
+            return cur.fetchall() if cur.description else []
+    finally:
+        conn.close()
 
 
 def _sender(url: str, secret: str, ids: list[str], acked: dict, lock: threading.Lock, stop: threading.Event):
