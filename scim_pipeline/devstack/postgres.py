@@ -84,6 +84,15 @@ class PostgresServer:
                                      str(pwfile), "--auth-host=scram-sha-256", "--auth-local=trust",
                                      "--encoding=UTF8", "--locale=C"),
                        check=True, capture_output=True)
+        self._launch(timeout)
+        return self
+
+    def restart(self, timeout: float = 60.0) -> None:
+        """Stop the server (fast shutdown: clients are disconnected) and start it again on the same data and port."""
+        self._shutdown()
+        self._launch(timeout)
+
+    def _launch(self, timeout: float) -> None:
         options = {"listen_addresses": "127.0.0.1", "port": str(self.port), "unix_socket_directories": str(self.root),
                    "max_connections": "200", **self.settings}
         args = [x for k, v in options.items() for x in ("-c", f"{k}={v}")]
@@ -98,7 +107,6 @@ class PostgresServer:
                 self.stop()
                 raise RuntimeError("PostgreSQL did not start:\n" + self.log_tail())
             time.sleep(0.1)
-        return self
 
     def ready(self) -> bool:
         import psycopg2
@@ -127,7 +135,7 @@ class PostgresServer:
         except FileNotFoundError:
             return ""
 
-    def stop(self) -> None:
+    def _shutdown(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)  # "fast" shutdown: disconnects clients (SIGTERM waits for them)
             try:
@@ -135,6 +143,9 @@ class PostgresServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+    def stop(self) -> None:
+        self._shutdown()
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> "PostgresServer":

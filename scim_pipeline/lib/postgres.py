@@ -18,7 +18,7 @@ def reason(exc: BaseException, url: str | None = None) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     text = lines[0] if lines else exc.__class__.__name__
     # 'connection to server at "h", port 5432 failed: FATAL:  password authentication failed ...': the why
-    text = re.sub(r"^connection to server .*? failed:\s*", "", text)
+    text = re.sub(r"^(connection failed:\s*)?connection to server .*? failed:\s*", "", text)
     text = re.sub(r"^(FATAL|ERROR):\s+", "", text)
     if url:
         password = re.match(r"^[a-z][a-z0-9+.-]*://[^:/@]*:([^@]*)@", url, flags=re.IGNORECASE)
