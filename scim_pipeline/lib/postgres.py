@@ -8,9 +8,21 @@ import re
 CONNECT_TIMEOUT_S = 5
 
 
+def _password(url: str) -> str | None:
+    """The password of ``scheme://user:password@host...`` (up to the last ``@``: a password may hold one)."""
+    rest = url.partition("://")[2]
+    userinfo = rest[:rest.rfind("@")] if "@" in rest else ""
+    return userinfo.partition(":")[2] or None
+
+
 def redact(url: str) -> str:
     """The URL with its password replaced by ``***``: fit for a message or a log."""
-    return re.sub(r"^([a-z][a-z0-9+.-]*://[^:/@]*):[^@]*@", r"\1:***@", url, flags=re.IGNORECASE)
+    password = _password(url)
+    if not password:
+        return url
+    scheme, _, rest = url.partition("://")
+    at = rest.rfind("@")
+    return f"{scheme}://{rest[:at - len(password)]}***{rest[at:]}"
 
 
 def reason(exc: BaseException, url: str | None = None) -> str:
@@ -20,10 +32,9 @@ def reason(exc: BaseException, url: str | None = None) -> str:
     # 'connection to server at "h", port 5432 failed: FATAL:  password authentication failed ...': the why
     text = re.sub(r"^(connection failed:\s*)?connection to server .*? failed:\s*", "", text)
     text = re.sub(r"^(FATAL|ERROR):\s+", "", text)
-    if url:
-        password = re.match(r"^[a-z][a-z0-9+.-]*://[^:/@]*:([^@]*)@", url, flags=re.IGNORECASE)
-        if password and password.group(1):
-            text = text.replace(password.group(1), "***")
+    password = _password(url) if url else None
+    if password:
+        text = text.replace(password, "***")
     return text
 
 
