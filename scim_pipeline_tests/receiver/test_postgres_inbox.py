@@ -145,7 +145,7 @@ def _cli(home, command: str, url: str, secret: str) -> subprocess.CompletedProce
                           capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.parametrize("command", ["webhooks", "sync"])
+@pytest.mark.parametrize("command", ["webhooks", "sync", "dev"])
 @pytest.mark.parametrize("case", ["wrong password", "unreachable", "malformed"])
 def test_a_database_that_refuses_is_one_line_naming_the_setting_at_start(home, secret, postgres_server, command,
                                                                          case):
