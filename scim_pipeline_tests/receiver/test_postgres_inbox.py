@@ -34,7 +34,8 @@ def _sql(url: str, statement: str, params: tuple = ()) -> list[tuple]:
         conn.close()
 
 
-def _sender(url: str, secret: str, ids: list[str], acked: dict, lock: threading.Lock, stop: threading.Event):
+def _sender(url: str, secret: str, ids: list[str], acked: dict, lock: threading.Lock, stop: threading.Event,
+            refused: list | None = None):
     with httpx.Client(base_url=url, timeout=5) as http:
         for webhook_id in ids:
             if stop.is_set():
@@ -47,6 +48,8 @@ def _sender(url: str, secret: str, ids: list[str], acked: dict, lock: threading.
             if r.status_code // 100 == 2:
                 with lock:
                     acked[webhook_id] = r.json()["seq"]
+            elif refused is not None:
+                refused.append((webhook_id, r.status_code))
 
 
 def test_two_receivers_one_database_kill_9_loses_no_acknowledged_event(tmp_path, secret, postgres_url):
@@ -58,16 +61,19 @@ def test_two_receivers_one_database_kill_9_loses_no_acknowledged_event(tmp_path,
         h.mkdir()
     a, b = (start_receiver(h, secret, postgres_url) for h in homes)
     acked = [{}, {}]  # per receiver: webhook-id -> seq answered
+    refused: list = []  # any answer but 2xx: two writers must never trip over each other
     lock, stop = threading.Lock(), threading.Event()
     threads = []
     try:
         for r, svc in enumerate((a, b)):
             for t in range(3):
                 ids = [f"own{r}_{t}_{i}" for i in range(4000)]
-                threads.append(threading.Thread(target=_sender, args=(svc.url, secret, ids, acked[r], lock, stop)))
+                threads.append(threading.Thread(target=_sender,
+                                                args=(svc.url, secret, ids, acked[r], lock, stop, refused)))
             # Scalekit may deliver one event to either receiver (a retry behind the load balancer): same ids to both.
             shared = [f"shared_{i}" for i in range(4000)]
-            threads.append(threading.Thread(target=_sender, args=(svc.url, secret, shared, acked[r], lock, stop)))
+            threads.append(threading.Thread(target=_sender,
+                                            args=(svc.url, secret, shared, acked[r], lock, stop, refused)))
         for t in threads:
             t.start()
         reader, cursor, seen = Inbox(postgres_url), 0, []
@@ -101,6 +107,7 @@ def test_two_receivers_one_database_kill_9_loses_no_acknowledged_event(tmp_path,
         for t in threads:
             t.join(20)
 
+    assert not refused, f"{len(refused)} events refused, e.g. {refused[:5]}"
     stored = {e.webhook_id: e.seq for e in Inbox(postgres_url).read_after(0, limit=10_000_000)}
     assert len(seen) == len(set(seen)) == len(stored)
     for answered in acked:
