@@ -5,10 +5,15 @@ that database (``dagster-postgres``), so that a webserver, a daemon and a code s
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
+import yaml
+
 from scim_pipeline.config import POSTGRES_URL_VAR, home, postgres_url
+
+log = logging.getLogger(__name__)
 
 TEMPLATE = Path(__file__).with_name("dagster.yaml")
 # Read from the environment by each Dagster process, so the password is written in no file.
@@ -39,6 +44,10 @@ def ensure_dagster_home() -> Path:
         tmp = config.with_suffix(".yaml.tmp")
         tmp.write_text(wanted)
         tmp.replace(config)
+    elif postgres_url() and "postgres" not in ((yaml.safe_load(config.read_text()) or {}).get("storage") or {}):
+        # The inbox would be shared while the runs and sensor cursors stay on this host's disk: say so.
+        log.warning("%s is set, but %s (an operator's own) keeps Dagster's storage elsewhere: add its storage block "
+                    "from %s", POSTGRES_URL_VAR, config, "deploy/dagster.yaml")
     os.environ["DAGSTER_HOME"] = str(path)
     return path
 

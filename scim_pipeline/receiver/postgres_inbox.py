@@ -21,8 +21,8 @@ from typing import Mapping
 import psycopg2
 import psycopg2.errors
 
-from scim_pipeline.lib.postgres import connect, reason, redact
 from scim_pipeline.lib.clock import utc_iso
+from scim_pipeline.lib.postgres import connect, reason, redact
 from scim_pipeline.receiver.inbox_store import COLUMNS, InboxUnavailable, Stored
 
 SCHEMA = "scim_pipeline"

@@ -61,3 +61,14 @@ def test_a_seeded_dagster_yaml_follows_the_setting_and_an_operators_own_is_kept(
 
 def test_the_deploy_folders_dagster_yaml_is_the_one_an_installation_seeds_on_postgres():
     assert (Path(__file__).parents[2] / "deploy" / "dagster.yaml").read_text() == instance_yaml(postgres=True)
+
+
+def test_an_operators_own_dagster_yaml_without_postgres_storage_is_named_when_the_setting_is_set(home, monkeypatch,
+                                                                                                caplog):
+    monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
+    (home / "dagster").mkdir()
+    (home / "dagster" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    monkeypatch.setenv("SCIM_PIPELINE_POSTGRES_URL", "postgresql://scim:s3cret@db:5432/scim")
+    ensure_dagster_home()
+    assert (home / "dagster" / "dagster.yaml").read_text() == "telemetry:\n  enabled: false\n"  # kept
+    assert "keeps Dagster's storage elsewhere" in caplog.text and "s3cret" not in caplog.text

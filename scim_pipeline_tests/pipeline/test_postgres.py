@@ -14,7 +14,10 @@ from dagster._core.scheduler.instigation import InstigatorType
 from scim_pipeline.commands import run_sync
 from scim_pipeline.config import settings
 from scim_pipeline.devstack.services import free_port
-from scim_pipeline_tests.pipeline.test_webhooks_e2e import stack, wait_for  # noqa: F401 (the fixture)
+from scim_pipeline_tests.pipeline import test_webhooks_e2e
+
+stack = test_webhooks_e2e.stack  # the fixture: a Stack in the test's home, stopped after it
+wait_for = test_webhooks_e2e.wait_for
 
 SENSOR = "webhook_events_sensor"
 
