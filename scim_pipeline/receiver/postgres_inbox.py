@@ -16,7 +16,8 @@ has reached the server's WAL on disk before the receiver answers 2xx.
 
 from __future__ import annotations
 
-from typing import Mapping
+import threading
+from typing import Callable, Mapping
 
 import psycopg2
 import psycopg2.errors
@@ -158,31 +159,45 @@ class PostgresWriter:
 
 
 class PostgresStore:
+    """Readers share one read-only connection per store, opened on first use and again after it broke: the webhook
+    sensor reads several times a tick, and a new connection costs an authentication each time."""
+
     def __init__(self, url: str):
         self.url = url
         self.description = redact(url)
+        self._conn = None
+        self._lock = threading.Lock()
 
     def writer(self) -> PostgresWriter:
         return PostgresWriter(self.url)
 
-    def _connect(self):
-        try:
-            conn = connect(self.url)
-        except _UNAVAILABLE as exc:
-            raise InboxUnavailable(f"{self.description}: {reason(exc, self.url)}") from exc
-        conn.set_session(readonly=True, autocommit=True)
-        return conn
+    def _read(self, work: Callable, empty):
+        """``work(cursor)`` on the reading connection; ``empty`` before any receiver created the tables."""
+        with self._lock:
+            for attempt in (1, 2):
+                reused = self._conn is not None and not self._conn.closed
+                if not reused:
+                    try:
+                        self._conn = connect(self.url)
+                    except _UNAVAILABLE as exc:
+                        raise InboxUnavailable(f"{self.description}: {reason(exc, self.url)}") from exc
+                    self._conn.set_session(readonly=True, autocommit=True)
+                try:
+                    with self._conn.cursor() as cur:
+                        return work(cur)
+                except _NOT_CREATED:
+                    return empty
+                except _UNAVAILABLE as exc:
+                    self._conn.close()
+                    if not reused or attempt == 2:  # a kept connection may have died idle (a server restart)
+                        raise InboxUnavailable(f"{self.description}: {reason(exc, self.url)}") from exc
 
     def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
-        conn = self._connect()
-        try:
-            with conn.cursor() as cur:
-                cur.execute(sql, params)
-                return cur.fetchall()
-        except _NOT_CREATED:
-            return []
-        finally:
-            conn.close()
+        def work(cur):
+            cur.execute(sql, params)
+            return cur.fetchall()
+
+        return self._read(work, [])
 
     def read_after(self, seq: int, limit: int) -> list[tuple]:
         return self._query(f"SELECT {COLUMNS} FROM {EVENTS} WHERE seq > %s ORDER BY seq LIMIT %s", (seq, limit))
@@ -214,22 +229,18 @@ class PostgresStore:
         return found
 
     def first_unapplied(self, after: Mapping[str | None, int], up_to: int) -> dict[str | None, tuple[int, str]]:
-        conn = self._connect()
-        found = {}
-        try:
-            with conn.cursor() as cur:
-                for org, seq in after.items():
-                    which, params = self._of(org)
-                    cur.execute(f"SELECT seq, received_at FROM {EVENTS} WHERE {which} AND seq > %s AND seq <= %s"
-                                " ORDER BY seq LIMIT 1", (*params, seq, up_to))
-                    row = cur.fetchone()
-                    if row:
-                        found[org] = (row[0], row[1])
-        except _NOT_CREATED:
-            return {}
-        finally:
-            conn.close()
-        return found
+        def work(cur):
+            found = {}
+            for org, seq in after.items():
+                which, params = self._of(org)
+                cur.execute(f"SELECT seq, received_at FROM {EVENTS} WHERE {which} AND seq > %s AND seq <= %s"
+                            " ORDER BY seq LIMIT 1", (*params, seq, up_to))
+                row = cur.fetchone()
+                if row:
+                    found[org] = (row[0], row[1])
+            return found
+
+        return self._read(work, {})
 
     def applied_marks(self) -> dict[str, int]:
         return {route: seq for route, seq in self._query(f"SELECT route, seq FROM {APPLIED}")}

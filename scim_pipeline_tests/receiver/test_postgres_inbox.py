@@ -178,3 +178,15 @@ def test_reading_creates_nothing_and_an_envelope_field_with_a_nul_is_kept_only_i
         assert inbox.put("msg_nul", body).seq == 1  # stored, not a 5xx that Scalekit would retry forever
     (event,) = reader.read_after(0)
     assert event.organization_id is None and event.payload["organization_id"] == "org_\u0000x"
+
+
+def test_a_reader_whose_connection_was_cut_reads_on_with_a_new_one(postgres_url, postgres_server):
+    with Inbox(postgres_url) as inbox:
+        inbox.put("msg_1", "{}")
+    reader = Inbox(postgres_url)
+    assert reader.last_seq() == 1
+    database = postgres_url.rsplit("/", 1)[1]
+    # What a restart of the server does to a kept connection.
+    _sql(postgres_server.url(), "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+         (database,))
+    assert [e.webhook_id for e in reader.read_after(0)] == ["msg_1"]
