@@ -299,8 +299,8 @@ class Inbox:
         return self.store.applied_marks()
 
     def mark_applied(self, marks: Mapping[str, int]) -> None:
-        """Record that each route's events up to its seq are applied; a mark never moves back. Nothing happens
-        without an inbox file (there are no events to mark)."""
+        """Record that each route's events up to its seq are applied; a mark never moves back. On SQLite, nothing
+        happens without an inbox file (there are no events to mark)."""
         if marks:
             self.store.mark_applied(marks)
 
