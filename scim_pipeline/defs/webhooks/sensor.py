@@ -1,8 +1,8 @@
 """The webhook sensor: turns events waiting in the receiver's inbox into incremental runs, one per organization.
 
 It reads the inbox (SQLite or PostgreSQL, never DuckDB) past its cursor, adds partitions for organizations it has
-not seen, and asks for a ``directory_events`` run (the sync's assets in ``events`` mode) for each organization with new events.
-The run applies every event of its organization that is not applied yet, then re-derives memberships, roles and
+not seen, and asks for a ``directory_events`` run (the sync's assets in ``events`` mode) for each organization with
+new events. The run applies every event of its organization that is not applied yet, then re-derives memberships, roles and
 change sets and delivers them.
 
 An organization id names a partition and run keys, so only a Scalekit organization id does: events whose
