@@ -2,8 +2,8 @@
 
 It reads the inbox (SQLite or PostgreSQL, never DuckDB) past its cursor, adds partitions for organizations it has
 not seen, and asks for a ``directory_events`` run (the sync's assets in ``events`` mode) for each organization with
-new events. The run applies every event of its organization that is not applied yet, then re-derives memberships, roles and
-change sets and delivers them.
+new events. The run applies every event of its organization that is not applied yet, then re-derives memberships,
+roles and change sets and delivers them.
 
 An organization id names a partition and run keys, so only a Scalekit organization id does: events whose
 ``organization_id`` is anything else go to the ``quarantine_webhook_events`` job, which records them as invalid.
