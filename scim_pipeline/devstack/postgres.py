@@ -59,12 +59,19 @@ class PostgresServer:
         if self.bin is None:
             raise FileNotFoundError("no PostgreSQL server installed (initdb not found)")
         self.settings = settings or {}
-        self.root = Path(tempfile.mkdtemp(prefix="scim-pg-"))
+        self._as = _unprivileged()
+        self.root = Path(tempfile.mkdtemp(prefix="scim-pg-", dir=self._parent()))
         self.data = self.root / "data"
         self.password = os.urandom(12).hex()
         self.port = free_port()
         self.process: subprocess.Popen | None = None
-        self._as = _unprivileged()
+
+    def _parent(self) -> str | None:
+        """Where the folder goes: the usual temporary folder, unless the server's user could not reach into it."""
+        folder = Path(tempfile.gettempdir()).resolve()
+        if self._as is None or all(p.stat().st_mode & 0o001 for p in (folder, *folder.parents)):
+            return None
+        return "/tmp"
 
     def _command(self, *args: str) -> list[str]:
         if self._as is None:
