@@ -6,7 +6,12 @@ the inbox is measured against. Both get the same bounded number of signed events
 alternating rounds; it reports accepted events/s, p50/p99 latency and server CPU per event, the ratios, and checks
 that every accepted event is stored.
 
-    python bench/webhooks.py [--events 20000] [--concurrency 64] [--rounds 4]
+With ``--postgres`` a third target joins the same rounds: two receivers, each with its own SCIM_PIPELINE_HOME,
+storing into one PostgreSQL database (SCIM_PIPELINE_POSTGRES_URL) of a throwaway server started from the machine's
+PostgreSQL packages, the load split between them as a load balancer would. Its CPU figure counts the receivers, not
+the database server.
+
+    python bench/webhooks.py [--events 20000] [--concurrency 64] [--rounds 4] [--postgres]
 
 The load generator is a minimal keep-alive HTTP/1.1 client over asyncio streams with the requests built in advance:
 on a small machine it shares the CPUs with the server, and a full-featured client would measure itself.
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -93,13 +99,20 @@ async def _worker(port: int, requests: list[bytes], next_index, latencies: list[
 
 async def drive(port: int, requests: list[bytes], concurrency: int) -> dict:
     """Send every request once, ``concurrency`` at a time; stops by itself when the list is exhausted."""
-    position = iter(range(len(requests)))
+    return await drive_many({port: requests}, concurrency)
+
+
+async def drive_many(requests_by_port: dict[int, list[bytes]], concurrency: int) -> dict:
+    """``drive`` over several servers at once, ``concurrency`` shared evenly between them (a load balancer)."""
     latencies: list[float] = []
     statuses: dict[int, int] = {}
+    workers = []
+    for port, requests in requests_by_port.items():
+        position = iter(range(len(requests)))
+        workers += [_worker(port, requests, lambda position=position: next(position, None), latencies, statuses)
+                    for _ in range(max(1, concurrency // len(requests_by_port)))]
     started = time.perf_counter()
-    await asyncio.gather(*(
-        _worker(port, requests, lambda: next(position, None), latencies, statuses) for _ in range(concurrency)
-    ))
+    await asyncio.gather(*workers)
     return {"elapsed": time.perf_counter() - started, "latencies": latencies, "statuses": statuses}
 
 
@@ -121,18 +134,24 @@ def _run(coro):
 
 
 class Target:
-    """One server under test, and what the rounds sent to it measured."""
+    """The servers under test (one, or several sharing a store), and what the rounds sent to them measured."""
 
-    def __init__(self, name: str, port: int, pid: int):
-        self.name, self.port, self.pid = name, port, pid
+    def __init__(self, name: str, ports: list[int], pids: list[int]):
+        self.name, self.ports, self.pids = name, ports, pids
         self.elapsed, self.cpu, self.latencies, self.statuses = 0.0, 0.0, [], {}
 
-    def round(self, requests: list[bytes], concurrency: int) -> None:
-        cpu_before = cpu_seconds(self.pid)
-        result = _run(drive(self.port, requests, concurrency))
-        cpu_after = cpu_seconds(self.pid)
+    def _cpu(self) -> float | None:
+        times = [cpu_seconds(pid) for pid in self.pids]
+        return None if None in times else sum(times)
+
+    def round(self, secret: str, n: int, tag: str, concurrency: int) -> None:
+        share = [n // len(self.ports) + (i < n % len(self.ports)) for i in range(len(self.ports))]
+        requests = {port: build_requests(secret, port, k, f"{port}_{tag}") for port, k in zip(self.ports, share)}
+        cpu_before = self._cpu()
+        result = _run(drive_many(requests, concurrency))
+        cpu_after = self._cpu()
         self.elapsed += result["elapsed"]
-        self.cpu += (cpu_after - cpu_before) if cpu_before is not None else float("nan")
+        self.cpu += (cpu_after - cpu_before) if cpu_before is not None and cpu_after is not None else float("nan")
         self.latencies += result["latencies"]
         for status, n in result["statuses"].items():
             self.statuses[status] = self.statuses.get(status, 0) + n
@@ -180,7 +199,7 @@ def serve_no_store(port: int) -> int:
 
 def line(target: Target) -> str:
     r = target.summary()
-    return (f"  {target.name:<14} {r['rate']:6.0f} events/s   p50 {r['p50_ms']:5.1f} ms   p99 {r['p99_ms']:5.1f} ms"
+    return (f"  {target.name:<24} {r['rate']:6.0f} events/s   p50 {r['p50_ms']:5.1f} ms   p99 {r['p99_ms']:5.1f} ms"
             f"   server CPU {r['cpu_us']:4.0f} us/event   statuses {dict(sorted(target.statuses.items()))}")
 
 
@@ -189,6 +208,8 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds per server (default 4)")
+    parser.add_argument("--postgres", action="store_true",
+                        help="also two receivers sharing a PostgreSQL inbox (a throwaway local server)")
     parser.add_argument("--serve-no-store", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -198,44 +219,66 @@ def main() -> int:
     home = Path(tempfile.mkdtemp(prefix="bench-webhooks-"))
     secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
     rounds = max(1, min(args.rounds, args.events))
-    process = None
-    try:
-        print(f"webhook receiver: {args.events} signed events per server in {rounds} alternating rounds, "
-              f"concurrency {args.concurrency}, {os.cpu_count()} CPUs, client and servers on one machine")
-        with services.start("webhooks", [], home, env={"SCALEKIT_WEBHOOK_SECRET": secret}) as svc:
-            process, port = start_ceiling(home, secret)
-            durable = Target("durable inbox", svc.port, svc.process.pid)
-            ceiling = Target("no storage", port, process.pid)
-            warmup = min(1000, args.events)
-            for target in (durable, ceiling):
-                _run(drive(target.port, build_requests(secret, target.port, warmup, f"{target.port}_w"),
-                           args.concurrency))
-            # Alternating rounds: both servers meet the same background load, so their ratio means something.
-            per_round = args.events // rounds
-            for r in range(rounds):
-                n = per_round if r < rounds - 1 else args.events - per_round * (rounds - 1)
-                for target in (durable, ceiling):
-                    target.round(build_requests(secret, target.port, n, f"{target.port}_{r}"), args.concurrency)
-        stored = Inbox(home / "inbox.sqlite").count()
-        expected = durable.accepted + warmup  # the warm-up is stored too
-        print(line(durable) + f"   stored {stored}/{expected}")
+    with contextlib.ExitStack() as stack:
+        print(f"webhook receiver: {args.events} signed events per target in {rounds} alternating rounds, "
+              f"concurrency {args.concurrency}, {os.cpu_count()} CPUs, client, servers and database on one machine")
+        stack.callback(shutil.rmtree, home, ignore_errors=True)
+        svc = stack.enter_context(services.start("webhooks", [], home, env={"SCALEKIT_WEBHOOK_SECRET": secret}))
+        process, port = start_ceiling(home, secret)
+        stack.callback(_stop, process)
+        durable = Target("durable inbox (SQLite)", [svc.port], [svc.process.pid])
+        ceiling = Target("no storage", [port], [process.pid])
+        targets = [durable, ceiling]
+        if args.postgres:
+            from scim_pipeline.devstack.postgres import PostgresServer
+
+            server = stack.enter_context(PostgresServer())
+            url = server.create_database("bench")
+            receivers = []
+            for name in ("a", "b"):
+                (home / name).mkdir()
+                receivers.append(stack.enter_context(services.start(
+                    "webhooks", [], home / name,
+                    env={"SCALEKIT_WEBHOOK_SECRET": secret, "SCIM_PIPELINE_POSTGRES_URL": url})))
+            shared = Target("PostgreSQL, 2 receivers", [r.port for r in receivers], [r.process.pid for r in receivers])
+            targets.append(shared)
+        warmup = min(1000, args.events)
+        for target in targets:
+            target.round(secret, warmup, "w", args.concurrency)
+            target.elapsed, target.cpu, target.latencies, target.statuses = 0.0, 0.0, [], {}
+        # Alternating rounds: every target meets the same background load, so their ratios mean something.
+        per_round = args.events // rounds
+        for r in range(rounds):
+            n = per_round if r < rounds - 1 else args.events - per_round * (rounds - 1)
+            for target in targets:
+                target.round(secret, n, str(r), args.concurrency)
+
+        expected = args.events + warmup  # the warm-up is stored too
+        stores = [(durable, Inbox(home / "inbox.sqlite"))] + ([(shared, Inbox(url))] if args.postgres else [])
+        failed = False
+        for target, inbox in stores:
+            stored = inbox.count()
+            print(line(target) + f"   stored {stored}/{expected}")
+            failed |= stored != expected or target.accepted != args.events
         print(line(ceiling))
-        d, c = durable.summary(), ceiling.summary()
-        print(f"  durable / no storage: throughput {d['rate'] / c['rate']:.2f}x, "
-              f"p99 {d['p99_ms'] / c['p99_ms']:.2f}x, server CPU {d['cpu_us'] / c['cpu_us']:.2f}x")
-        meets = d["rate"] >= TARGET_EVENTS_PER_S and d["p99_ms"] < TARGET_P99_MS
-        print(f"  target (>= {TARGET_EVENTS_PER_S} durable events/s, p99 < {TARGET_P99_MS:.0f} ms): "
-              f"{'met' if meets else 'NOT met'}")
+        c = ceiling.summary()
+        for target, _ in stores:
+            d = target.summary()
+            print(f"  {target.name} / no storage: throughput {d['rate'] / c['rate']:.2f}x, "
+                  f"p99 {d['p99_ms'] / c['p99_ms']:.2f}x, server CPU {d['cpu_us'] / c['cpu_us']:.2f}x")
+            meets = d["rate"] >= TARGET_EVENTS_PER_S and d["p99_ms"] < TARGET_P99_MS
+            print(f"  target for {target.name} (>= {TARGET_EVENTS_PER_S} durable events/s, "
+                  f"p99 < {TARGET_P99_MS:.0f} ms): {'met' if meets else 'NOT met'}")
         # Speed on a shared machine is reported, not enforced; losing an acknowledged event is a failure.
-        if stored != expected or durable.accepted != args.events:
+        if failed:
             print("  FAILED: not every event was accepted and stored", file=sys.stderr)
             return 1
         return 0
-    finally:
-        if process is not None:
-            process.terminate()
-            process.wait(10)
-        shutil.rmtree(home, ignore_errors=True)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    process.wait(10)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import importlib
 import sys
 import warnings
 
-from scim_pipeline.config import ConfigError
+from scim_pipeline.config import ConfigError, check_postgres
 
 # subcommand -> "module:function"; the function takes the parsed arguments and returns an exit code.
 COMMANDS = {
@@ -23,6 +23,9 @@ COMMANDS = {
     "demo": "scim_pipeline.devstack.demo:demo_from_cli",
     "dev": "scim_pipeline.devstack.demo:dev_from_cli",
 }
+# Commands that use the Dagster instance or the webhook inbox: with SCIM_PIPELINE_POSTGRES_URL set, the database is
+# checked before they start, so that a wrong password is one line now and not a traceback in the middle of a run.
+USE_POSTGRES = {"webhooks", "sync", "dev"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +96,8 @@ def _quiet_library_warnings() -> None:
     """Dagster's beta/preview notices are for developers of the code location, not for people running it."""
     warnings.filterwarnings("ignore", message=r".*is currently in (beta|preview)")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # dagster-postgres one patch release behind dagster (see DAGSTER_POSTGRES in the Makefile)
+    warnings.filterwarnings("ignore", message=r"Found version mismatch between `dagster-shared`")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_library_warnings()
     module_name, func_name = COMMANDS[args.command].split(":")
     try:
+        if args.command in USE_POSTGRES:
+            check_postgres()
         func = getattr(importlib.import_module(module_name), func_name)
         return int(func(args) or 0)
     except ConfigError as exc:

@@ -27,6 +27,9 @@ APP_ENV_FILE = "app.env"
 WAREHOUSE_FILE = "warehouse.duckdb"
 INBOX_FILE = "inbox.sqlite"
 OUTBOX_INDEX_FILE = "outbox.sqlite"
+# One PostgreSQL database for the Dagster instance and the webhook inbox, shared by every host; unset: all embedded.
+POSTGRES_URL_VAR = "SCIM_PIPELINE_POSTGRES_URL"
+_POSTGRES_URL_RE = re.compile(r"^postgresql://[^\s/]*(/[^\s/?]+)?(\?\S*)?$", re.IGNORECASE)
 # Where the SDK's token request (requests) and gRPC channel read the CA roots they trust.
 CA_VARS = ("REQUESTS_CA_BUNDLE", "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH")
 
@@ -230,6 +233,16 @@ class Settings:
         return default_role_mappings_path()
 
     @property
+    def postgres_url(self) -> str | None:
+        """SCIM_PIPELINE_POSTGRES_URL (environment only), or None: Dagster's storage and the inbox stay in the home."""
+        return postgres_url()
+
+    @property
+    def inbox_location(self) -> str | Path:
+        """Where the webhook inbox lives: the PostgreSQL database when one is set, else the SQLite file."""
+        return self.postgres_url or self.inbox_path
+
+    @property
     def warehouse_path(self) -> Path:
         return self.home / WAREHOUSE_FILE
 
@@ -248,6 +261,33 @@ def default_role_mappings_path() -> Path:
     if local.is_file():
         return local.resolve()
     return Path(__file__).parent / "provisioning" / "role_mappings.yaml"
+
+
+def postgres_url() -> str | None:
+    """``SCIM_PIPELINE_POSTGRES_URL``, checked for its shape (never echoed: it holds a password); None when unset."""
+    value = os.environ.get(POSTGRES_URL_VAR, "").strip()
+    if not value:
+        return None
+    if not _POSTGRES_URL_RE.match(value):
+        raise ConfigError(f"{POSTGRES_URL_VAR} is malformed: expected postgresql://user:password@host:port/database")
+    return value
+
+
+def check_postgres() -> None:
+    """When SCIM_PIPELINE_POSTGRES_URL is set, connect once: a database that is unreachable or refuses the
+    credentials is a ConfigError naming the setting, said at start rather than as a traceback in a run."""
+    from scim_pipeline.lib.postgres import connect, reason, redact
+
+    url = postgres_url()
+    if url is None:
+        return
+    import psycopg2
+
+    try:
+        connect(url).close()
+    except psycopg2.Error as exc:
+        raise ConfigError(f"{POSTGRES_URL_VAR}: cannot connect to {redact(url)}: "
+                          f"{reason(exc, url)}") from None
 
 
 def settings() -> Settings:

@@ -140,3 +140,20 @@ def test_bad_scim2_settings_are_one_line_naming_the_setting(home, monkeypatch, t
     with pytest.raises(ConfigError, match=message) as info:
         settings().scim2()
     assert "\n" not in str(info.value)
+
+
+def test_the_postgres_url_is_checked_for_its_shape_and_never_echoed(monkeypatch):
+    from scim_pipeline.config import ConfigError, postgres_url
+    from scim_pipeline.lib.postgres import redact
+
+    monkeypatch.delenv("SCIM_PIPELINE_POSTGRES_URL", raising=False)
+    assert postgres_url() is None  # unset: everything embedded
+    monkeypatch.setenv("SCIM_PIPELINE_POSTGRES_URL", "postgresql://scim:pw@db:5432/scim?sslmode=require")
+    assert postgres_url() == "postgresql://scim:pw@db:5432/scim?sslmode=require"
+    for bad in ("mysql://scim:s3cret@db/scim", "postgresql://scim:s3cret@db/scim/extra", "db:5432"):
+        monkeypatch.setenv("SCIM_PIPELINE_POSTGRES_URL", bad)
+        with pytest.raises(ConfigError) as raised:
+            postgres_url()
+        assert "SCIM_PIPELINE_POSTGRES_URL is malformed" in str(raised.value) and "s3cret" not in str(raised.value)
+    assert redact("postgresql://scim:p@ss:w/rd@db:5432/scim") == "postgresql://scim:***@db:5432/scim"
+    assert redact("postgresql://scim@db/scim") == "postgresql://scim@db/scim"

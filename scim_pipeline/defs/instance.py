@@ -1,23 +1,53 @@
 """The Dagster instance of an installation: ``$DAGSTER_HOME``, else ``SCIM_PIPELINE_HOME/dagster``, seeded with
-the project's ``dagster.yaml`` beside this file (warehouse pool of one, fast run dequeue, threaded sensors)."""
+the project's ``dagster.yaml`` beside this file (warehouse pool of one, fast run dequeue, threaded sensors), and,
+when ``SCIM_PIPELINE_POSTGRES_URL`` is set, with Dagster's storage (runs, event logs, schedules and sensor state) in
+that database (``dagster-postgres``), so that a webserver, a daemon and a code server on other hosts share it."""
 
 from __future__ import annotations
 
+import logging
 import os
-import shutil
 from pathlib import Path
 
-from scim_pipeline.config import home
+import yaml
+
+from scim_pipeline.config import POSTGRES_URL_VAR, home, postgres_url
+
+log = logging.getLogger(__name__)
 
 TEMPLATE = Path(__file__).with_name("dagster.yaml")
+# Read from the environment by each Dagster process, so the password is written in no file.
+POSTGRES_STORAGE = f"""
+# {POSTGRES_URL_VAR} is set: runs, event logs, schedules and sensor state live in that database, which every
+# host of the installation shares.
+storage:
+  postgres:
+    postgres_url:
+      env: {POSTGRES_URL_VAR}
+"""
+
+
+def instance_yaml(postgres: bool) -> str:
+    """The ``dagster.yaml`` an installation is seeded with: embedded (SQLite in DAGSTER_HOME), or on PostgreSQL."""
+    return TEMPLATE.read_text() + (POSTGRES_STORAGE if postgres else "")
 
 
 def ensure_dagster_home() -> Path:
     path = Path(os.environ.get("DAGSTER_HOME") or home() / "dagster").resolve()
     path.mkdir(parents=True, exist_ok=True)
     config = path / "dagster.yaml"
-    if not config.exists():  # never overwrite an operator's own instance config (e.g. Postgres storage)
-        shutil.copyfile(TEMPLATE, config)
+    wanted = instance_yaml(postgres_url() is not None)
+    # A file that is one of the two seeds is ours, and follows the setting; any other is an operator's own
+    # instance config, never overwritten.
+    if not config.exists() or (config.read_text() != wanted and config.read_text() in (instance_yaml(False),
+                                                                                         instance_yaml(True))):
+        tmp = config.with_suffix(".yaml.tmp")
+        tmp.write_text(wanted)
+        tmp.replace(config)
+    elif postgres_url() and "postgres" not in ((yaml.safe_load(config.read_text()) or {}).get("storage") or {}):
+        # The inbox would be shared while the runs and sensor cursors stay on this host's disk: say so.
+        log.warning("%s is set, but %s (an operator's own) keeps Dagster's storage elsewhere: add its storage block "
+                    "from %s", POSTGRES_URL_VAR, config, "deploy/dagster.yaml")
     os.environ["DAGSTER_HOME"] = str(path)
     return path
 

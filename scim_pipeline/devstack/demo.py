@@ -45,10 +45,11 @@ def _fresh_home() -> Path:
 
 
 def _embedded_environment(home: Path) -> None:
-    """The demo always runs on its own embedded services, whatever the shell points at."""
+    """The demo always runs on its own embedded services and storage (a fresh home each time, no shared database),
+    whatever the shell points at."""
     for var in ("SCALEKIT_ENVIRONMENT_URL", "SCALEKIT_CLIENT_ID", "SCALEKIT_CLIENT_SECRET", "SCALEKIT_WEBHOOK_SECRET",
                 "SCIM_PIPELINE_APP_URL", "SCIM_PIPELINE_APP_SECRET", "SCIM_PIPELINE_APP_PROTOCOL",
-                "SCIM_PIPELINE_APP_TOKEN", "SCIM_PIPELINE_APP_TENANTS", "DAGSTER_HOME"):
+                "SCIM_PIPELINE_APP_TOKEN", "SCIM_PIPELINE_APP_TENANTS", "DAGSTER_HOME", "SCIM_PIPELINE_POSTGRES_URL"):
         os.environ.pop(var, None)
     os.environ[config.HOME_VAR] = str(home)
 

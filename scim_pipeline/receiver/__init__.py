@@ -1,6 +1,7 @@
 """The webhook receiver: Scalekit's signed directory events into a durable inbox that the webhook sensor reads.
 
-``Inbox`` (stdlib only) is what the sensor imports; the ASGI app lives in ``app``.
+``Inbox`` is what the sensor imports (the SQLite store needs the stdlib only; the PostgreSQL store's driver is
+imported only where that store is used); the ASGI app lives in ``app``.
 """
 
 from scim_pipeline.receiver.inbox import Inbox, InboxEvent, Stored

@@ -6,7 +6,12 @@ a body that is not a JSON object, else 200 once the event is durable (``accepted
 already stored). Event types are not judged here: the webhook sensor decides what to apply, so an unknown type is
 stored like any other.
 
-``GET /healthz``: 200 with the inbox's last seq.
+``GET /healthz``: 200 with the inbox's last seq; 503 while the inbox's database cannot be reached (a load balancer
+then sends Scalekit's deliveries to another receiver).
+
+The inbox is a SQLite file in the home, or the PostgreSQL database that every receiver shares when
+``SCIM_PIPELINE_POSTGRES_URL`` is set; while that database is down every event is answered 503 (never 2xx for an
+event not stored), and the receiver goes on as soon as it is back.
 """
 
 from __future__ import annotations
@@ -78,15 +83,16 @@ def _parse(text: str) -> dict:
 
 
 def create_app(
-    inbox_path: str | Path,
+    inbox_location: str | Path,
     secrets: list[str],
     max_body: int = MAX_BODY,
     store: bool = True,
 ) -> Starlette:
-    """The receiver's ASGI app. ``store=False`` answers right after verification and parsing, without touching the
+    """The receiver's ASGI app, storing into the inbox at ``inbox_location`` (a SQLite file's path or a PostgreSQL
+    URL). ``store=False`` answers right after verification and parsing, without touching the
     inbox: a benchmark's ceiling, never for real use. The app's inbox is ``app.state.inbox``."""
     verifier = WebhookVerifier(secrets)
-    inbox = Inbox(inbox_path)
+    inbox = Inbox(inbox_location)
 
     async def receive_webhook(request: Request) -> JSONResponse:
         try:
@@ -108,7 +114,11 @@ def create_app(
         return JSONResponse({"status": "duplicate" if stored.duplicate else "accepted", "seq": stored.seq})
 
     async def healthz(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "last_seq": await run_in_threadpool(inbox.last_seq)})
+        try:
+            return JSONResponse({"status": "ok", "last_seq": await run_in_threadpool(inbox.last_seq)})
+        except Exception as exc:
+            log.warning("health check: inbox unavailable: %s", exc)
+            return JSONResponse({"status": "inbox unavailable"}, 503)
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
@@ -152,15 +162,15 @@ def run_from_cli(args: argparse.Namespace) -> int:
         reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
         print(f"scim-pipeline webhooks: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)
         return 1
-    app = create_app(cfg.inbox_path, secrets)
+    app = create_app(cfg.inbox_location, secrets)
     try:
         app.state.inbox.start()  # fail now, in one line, if the inbox cannot be written
     except Exception as exc:
-        print(f"scim-pipeline webhooks: cannot open the inbox {cfg.inbox_path}: {exc}", file=sys.stderr)
+        print(f"scim-pipeline webhooks: cannot open the inbox {app.state.inbox.description}: {exc}", file=sys.stderr)
         sock.close()
         return 1
     log.info("webhook receiver on http://%s:%d%s, inbox %s, %d secret(s)", args.host, args.port, WEBHOOK_PATH,
-             cfg.inbox_path, len(secrets))
+             app.state.inbox.description, len(secrets))
     try:
         return 0 if serve(app, sock, **SERVER_OPTIONS) else 1
     finally:

@@ -4,11 +4,20 @@ import sqlite3
 import threading
 import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
 from scim_pipeline.receiver.inbox import Inbox, InboxClosed
 from scim_pipeline_tests.receiver.helpers import event_body
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def inbox_at(request, home):
+    """Where an inbox lives, for each store: a SQLite file in the home, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return home / "inbox.sqlite"
+    return request.getfixturevalue("postgres_url")
 
 
 def _put(inbox: Inbox, webhook_id: str, **kw):
@@ -21,12 +30,12 @@ def test_reader_on_missing_file_is_empty(home):
     assert not (home / "inbox.sqlite").exists()  # reading never creates the file
 
 
-def test_stores_envelope_columns_and_raw_body(home):
+def test_stores_envelope_columns_and_raw_body(inbox_at):
     body = event_body("organization.directory.group_created", org="org_9")
-    with Inbox(home / "inbox.sqlite") as inbox:
+    with Inbox(inbox_at) as inbox:
         stored = inbox.put("msg_1", body.decode())
         assert (stored.seq, stored.duplicate) == (1, False)
-    (event,) = Inbox(home / "inbox.sqlite").read_after(0)
+    (event,) = Inbox(inbox_at).read_after(0)
     payload = json.loads(body)
     assert event.webhook_id == "msg_1" and event.event_id == payload["id"]
     assert event.type == "organization.directory.group_created" and event.organization_id == "org_9"
@@ -34,38 +43,38 @@ def test_stores_envelope_columns_and_raw_body(home):
     assert datetime.fromisoformat(event.received_at) <= datetime.now(timezone.utc)
 
 
-def test_duplicate_webhook_id_stored_once_and_seq_stays_dense(home):
-    with Inbox(home / "inbox.sqlite") as inbox:
+def test_duplicate_webhook_id_stored_once_and_seq_stays_dense(inbox_at):
+    with Inbox(inbox_at) as inbox:
         first = _put(inbox, "msg_1")
         again = _put(inbox, "msg_1")
         second = _put(inbox, "msg_2")
     assert again.duplicate and again.seq == first.seq
     assert second.seq == first.seq + 1
-    reader = Inbox(home / "inbox.sqlite")
+    reader = Inbox(inbox_at)
     assert reader.count() == 2 and reader.last_seq() == second.seq
     assert [e.webhook_id for e in reader.read_after(0)] == ["msg_1", "msg_2"]
 
 
-def test_non_string_envelope_fields_are_kept_only_in_body(home):
-    with Inbox(home / "inbox.sqlite") as inbox:
+def test_non_string_envelope_fields_are_kept_only_in_body(inbox_at):
+    with Inbox(inbox_at) as inbox:
         inbox.put("msg_1", json.dumps({"type": 7, "id": None, "data": {}}))
-    (event,) = Inbox(home / "inbox.sqlite").read_after(0)
+    (event,) = Inbox(inbox_at).read_after(0)
     assert event.type is None and event.event_id is None and event.payload["type"] == 7
 
 
-def test_read_after_pages(home):
-    with Inbox(home / "inbox.sqlite") as inbox:
+def test_read_after_pages(inbox_at):
+    with Inbox(inbox_at) as inbox:
         for i in range(25):
             _put(inbox, f"msg_{i}")
-    reader = Inbox(home / "inbox.sqlite")
+    reader = Inbox(inbox_at)
     page = reader.read_after(10, limit=7)
     assert [e.seq for e in page] == list(range(11, 18))
     assert reader.read_after(25) == []
 
 
-def test_concurrent_writers_and_a_reader_in_another_connection(home):
+def test_concurrent_writers_and_a_reader_in_another_connection(inbox_at):
     """Many threads append while a reader follows with its own cursor: it sees each event once, in seq order."""
-    path = home / "inbox.sqlite"
+    path = inbox_at
     writers, per_writer = 8, 150
     inbox = Inbox(path)
     inbox.start()
@@ -98,9 +107,9 @@ def test_concurrent_writers_and_a_reader_in_another_connection(home):
     assert reader.last_seq() == writers * per_writer
 
 
-def test_async_append_from_many_tasks(home):
+def test_async_append_from_many_tasks(inbox_at):
     async def main():
-        inbox = Inbox(home / "inbox.sqlite")
+        inbox = Inbox(inbox_at)
         bodies = [event_body().decode() for _ in range(300)]
         results = await asyncio.gather(*(inbox.append(f"msg_{i}", b, json.loads(b)) for i, b in enumerate(bodies)))
         inbox.close()
@@ -110,8 +119,8 @@ def test_async_append_from_many_tasks(home):
     assert sorted(r.seq for r in results) == list(range(1, 301))
 
 
-def test_close_flushes_and_refuses_later_appends(home):
-    inbox = Inbox(home / "inbox.sqlite")
+def test_close_flushes_and_refuses_later_appends(inbox_at):
+    inbox = Inbox(inbox_at)
     futures = []
 
     async def main():
@@ -121,13 +130,13 @@ def test_close_flushes_and_refuses_later_appends(home):
         return await asyncio.gather(*futures)
 
     assert len(asyncio.run(main())) == 50
-    assert Inbox(home / "inbox.sqlite").count() == 50
+    assert Inbox(inbox_at).count() == 50
     with pytest.raises(InboxClosed):
         inbox.put("late", "{}")
 
 
-def test_prunes_rows_older_than_retention_and_keeps_seq_monotonic(home):
-    path = home / "inbox.sqlite"
+def test_prunes_rows_older_than_retention_and_keeps_seq_monotonic(inbox_at):
+    path = inbox_at
     old = (datetime.now(timezone.utc) - timedelta(hours=73)).isoformat(timespec="milliseconds")
     with Inbox(path) as inbox:
         inbox.put("old_1", "{}", received_at=old)
@@ -144,8 +153,8 @@ def test_prunes_rows_older_than_retention_and_keeps_seq_monotonic(home):
         assert inbox.put("new_3", "{}").seq == 5
 
 
-def test_scheduled_prune_in_the_writer(home):
-    path = home / "inbox.sqlite"
+def test_scheduled_prune_in_the_writer(inbox_at):
+    path = inbox_at
     old = (datetime.now(timezone.utc) - timedelta(hours=80)).isoformat(timespec="milliseconds")
     with Inbox(path, prune_interval_s=0.05) as inbox:
         inbox.put("fresh", "{}")
@@ -168,11 +177,13 @@ def test_file_is_in_wal_mode(home):
         conn.close()
 
 
-def test_applied_marks_and_the_events_not_yet_applied_per_organization(home):
-    path = home / "inbox.sqlite"
+def test_applied_marks_and_the_events_not_yet_applied_per_organization(inbox_at):
+    path = inbox_at
     reader = Inbox(path)
-    reader.mark_applied({"org_a": 1})  # no inbox yet: nothing to mark, nothing created
-    assert not path.exists() and reader.applied_marks() == {} and reader.organizations() == []
+    if isinstance(path, Path):
+        reader.mark_applied({"org_a": 1})  # no inbox file yet: nothing to mark, nothing created
+        assert not path.exists()
+    assert reader.applied_marks() == {} and reader.organizations() == []
     with Inbox(path) as inbox:
         for i, org in enumerate(["org_a", "org_b", "org_a", None, "org_b", "org_a"], 1):
             inbox.put(f"msg_{i}", json.dumps({"organization_id": org}) if org else "{}",

@@ -26,7 +26,7 @@ class QuarantineConfig(dg.Config):
 def record_unroutable_events(context: dg.OpExecutionContext, config: QuarantineConfig,
                              warehouse: dg.ResourceParam[Warehouse]) -> dict:
     # As an incremental run does: from the warehouse's own mark, so that a failed run's events are not lost.
-    inbox = Inbox(settings().inbox_path)
+    inbox = Inbox(settings().inbox_location)
     end = config.up_to_seq or inbox.last_seq()
     with warehouse.write() as con:
         start = applied_marks(con, [QUARANTINE])[QUARANTINE]

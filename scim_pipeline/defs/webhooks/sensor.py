@@ -1,9 +1,9 @@
 """The webhook sensor: turns events waiting in the receiver's inbox into incremental runs, one per organization.
 
-It reads the inbox (SQLite, never DuckDB) past its cursor, adds partitions for organizations it has not seen, and
-asks for a ``directory_events`` run (the sync's assets in ``events`` mode) for each organization with new events.
-The run applies every event of its organization that is not applied yet, then re-derives memberships, roles and
-change sets and delivers them.
+It reads the inbox (SQLite or PostgreSQL, never DuckDB) past its cursor, adds partitions for organizations it has
+not seen, and asks for a ``directory_events`` run (the sync's assets in ``events`` mode) for each organization with
+new events. The run applies every event of its organization that is not applied yet, then re-derives memberships,
+roles and change sets and delivers them.
 
 An organization id names a partition and run keys, so only a Scalekit organization id does: events whose
 ``organization_id`` is anything else go to the ``quarantine_webhook_events`` job, which records them as invalid.
@@ -64,7 +64,7 @@ def route_of(organization_id: str | None) -> str:
 )
 def webhook_events_sensor(context: dg.SensorEvaluationContext):
     after = int(context.cursor or 0)
-    inbox = Inbox(settings().inbox_path)
+    inbox = Inbox(settings().inbox_location)
     marks = inbox.applied_marks()
     events = inbox.read_after(after, limit=MAX_EVENTS_PER_TICK)
     up_to = events[-1].seq if events else after
@@ -115,7 +115,7 @@ def quarantine_request(after_seq: int, up_to_seq: int, run_key: str, events: int
 def retry_requests(context: dg.SensorEvaluationContext, inbox: Inbox, marks: dict[str, int], up_to: int,
                    known: set[str], asked: set[str]) -> list[dg.RunRequest]:
     """A run for each route whose events up to ``up_to`` stay unapplied past the grace period with no run of it in
-    flight or recently ended. The inbox is read first (cheap, SQLite); Dagster's runs only for those routes."""
+    flight or recently ended. The inbox is read first (cheap, by index); Dagster's runs only for those routes."""
     if not up_to:
         return []
     grace = retry_after_s()
