@@ -1,5 +1,6 @@
 """Full directory sync of organizations: list from Scalekit (concurrently, to spool files), then load each
-organization into the warehouse in its own transaction. Plain functions; the Dagster assets call them."""
+organization into the warehouse in its own transaction, holding the warehouse only while it writes (``Turns``).
+Plain functions; the Dagster assets call them."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Callable
 from scim_pipeline.lib.clock import utcnow
 from scim_pipeline.scalekit import ids
 from scim_pipeline.scalekit.directory_api import DirectoryAPI, ScalekitError
-from scim_pipeline.warehouse.connection import transaction
+from scim_pipeline.warehouse.connection import Turns, transaction
 from scim_pipeline.warehouse.directory import SnapshotCounts, Spool, load_snapshot, upsert_directories
 
 if TYPE_CHECKING:
@@ -83,8 +84,10 @@ def sync_organizations(
     spool_root: Path,
     workers: int = 8,
     progress: Callable[[str], None] = log.info,
+    turns: Turns | None = None,
 ) -> SyncReport:
-    """List every organization (``workers`` at a time, in threads) and load each as soon as it is listed.
+    """List every organization (``workers`` at a time, in threads) and load each as soon as it is listed, in a turn
+    at the warehouse (``turns``) that ends when no organization is ready to load or another writer waits.
 
     One organization failing (or having no directory) never stops the others; a Scalekit that refuses our
     credentials or cannot be reached at all is raised at once, since no organization can succeed."""
@@ -98,6 +101,7 @@ def sync_organizations(
     organization_ids = [org for org in organization_ids if org not in report.failed]
     listed: queue.Queue[Future] = queue.Queue()
     stop = threading.Event()
+    turns = turns or Turns()
 
     def done() -> int:
         return len(report.synced) + len(report.skipped) + len(report.failed)
@@ -151,19 +155,20 @@ def sync_organizations(
         remaining = len(futures)
         try:
             while remaining:
-                # Listing goes on in the pool while this thread holds the warehouse. Opening, checkpointing and
-                # closing DuckDB costs more than loading a small organization, so every organization already listed
-                # is loaded through the same connection, one transaction each; the lock is released as soon as none
-                # is waiting.
+                # Listing goes on in the pool while this thread writes. Opening, checkpointing and closing DuckDB
+                # costs more than loading a small organization, so every organization already listed is loaded in
+                # the same turn and connection, one transaction each. The turn ends as soon as none is ready (the
+                # warehouse is never held while listing) or another writer waits: that writer waits for one
+                # organization's write at most, and this sync takes its next turn after it.
                 spool = take(listed.get())
                 remaining -= 1
                 if spool is None:
                     continue
-                with warehouse.session() as con:
+                with turns.turn(), warehouse.session() as con:
                     tune(con)
                     while spool is not None:
                         load(con, spool)
-                        spool = next_ready()
+                        spool = None if turns.others_waiting() else next_ready()
         except BaseException:
             # List no more organizations that nobody will load, and stop those being listed at their next page:
             # leaving the pool waits for them (a SIGTERM must not wait for whole organizations to be listed).

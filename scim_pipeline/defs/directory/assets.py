@@ -5,6 +5,9 @@
 half-written; a run that covers many organizations (a backfill, the reconciliation) is a single run that lists them
 concurrently. The same step also runs in ``events`` mode, where it applies the webhook events waiting in the inbox
 instead of re-reading the directory: both modes end in the same derived assets.
+
+``directory_snapshot`` takes the ``warehouse`` pool's slot only while it writes (``PoolTurns``), not for the whole
+step: a full sync lists Scalekit for minutes, and the webhook path's runs write in between its organizations.
 """
 
 import sqlite3
@@ -15,6 +18,7 @@ from scim_pipeline.config import settings
 from scim_pipeline.defs.metadata import count, preview
 from scim_pipeline.defs.partitions import WAREHOUSE_POOL, organizations_partitions
 from scim_pipeline.defs.resources import ScalekitResource
+from scim_pipeline.defs.warehouse_pool import PoolTurns
 from scim_pipeline.lib.clock import utcnow
 from scim_pipeline.provisioning.change_sets import apply_directory_holds
 from scim_pipeline.provisioning.outbox_index import OutboxIndex
@@ -91,7 +95,7 @@ class DirectorySnapshotConfig(dg.Config):
     ],
     partitions_def=organizations_partitions,
     backfill_policy=dg.BackfillPolicy.single_run(),
-    pool=WAREHOUSE_POOL,
+    # No ``pool``: the step takes the pool's slot for each write itself (PoolTurns), and none while it lists.
 )
 def directory_snapshot(
     context: dg.AssetExecutionContext,
@@ -101,13 +105,14 @@ def directory_snapshot(
 ):
     orgs = list(context.partition_keys)
     metadata: dict = {"organizations": len(orgs), "mode": config.mode}
+    turns = PoolTurns.of(context)
     if config.mode == "events":
-        metadata.update(apply_inbox_events(context, warehouse, orgs, config.up_to_seq))
+        with turns.turn():
+            metadata.update(apply_inbox_events(context, warehouse, orgs, config.up_to_seq))
     elif config.mode == "full":
         try:
-            report = sync_organizations(
-                scalekit.api(), warehouse, orgs, settings().home / "spool", workers=config.workers, progress=context.log.info,
-            )
+            report = sync_organizations(scalekit.api(), warehouse, orgs, settings().home / "spool",
+                                        workers=config.workers, progress=context.log.info, turns=turns)
         except ScalekitError as exc:
             raise dg.Failure(description=str(exc)) from exc
         for org, why in report.skipped.items():
@@ -127,7 +132,7 @@ def directory_snapshot(
 
     params = {"orgs": orgs}
     in_orgs = "list_contains($orgs, organization_id)"
-    with warehouse.read() as con:
+    with turns.turn(), warehouse.read() as con:  # even a reader holds DuckDB's file lock: in turn, briefly
         users = count(con, f"SELECT 1 FROM directory_users WHERE {in_orgs} AND deleted_at IS NULL", params)
         groups = count(con, f"SELECT 1 FROM directory_groups WHERE {in_orgs} AND deleted_at IS NULL", params)
         user_preview = preview(con, f"""SELECT user_id, email, given_name, family_name, active, deleted_at

@@ -87,14 +87,14 @@ def provisioning(context: dg.AssetExecutionContext, warehouse: dg.ResourceParam[
 
 
 def _memberships(con, orgs: list[str]) -> dict:
-    rows = sum(derive_memberships(con, org) for org in orgs)
+    rows = derive_memberships(con, orgs)
     return {"dagster/row_count": rows, "preview": preview(
         con, f"SELECT group_name, user_id FROM group_memberships WHERE {IN_ORGS} ORDER BY 1, 2", {"orgs": orgs})}
 
 
 def _roles(con, orgs: list[str], mapping: RoleMapping) -> dict:
     params = {"orgs": orgs}
-    rows = sum(derive_roles(con, org, mapping) for org in orgs)
+    rows = derive_roles(con, orgs, mapping)
     per_role = dict(con.execute(f"""SELECT role_name, count(DISTINCT user_id) FROM role_assignments
         WHERE {IN_ORGS} GROUP BY 1 ORDER BY 1""", params).fetchall())
     return {
@@ -105,11 +105,8 @@ def _roles(con, orgs: list[str], mapping: RoleMapping) -> dict:
 
 
 def _history(con, orgs: list[str], now) -> dict:
-    opened = closed = 0
-    for org in orgs:
-        history = update_user_history(con, org, now)
-        opened += history["opened"]
-        closed += history["closed"]
+    history = update_user_history(con, orgs, now)
+    opened, closed = history["opened"], history["closed"]
     rows = count(con, f"SELECT 1 FROM directory_users_history WHERE {IN_ORGS}", {"orgs": orgs})
     return {"dagster/row_count": rows, "intervals_opened": opened, "intervals_closed": closed}
 
