@@ -2,6 +2,7 @@
 incremental runs write in between (interleaving), and the pool serves writers in the order they asked, so a burst of
 webhook runs never keeps the sync from finishing (fairness)."""
 
+import signal
 import subprocess
 import sys
 import time
@@ -10,7 +11,7 @@ import pytest
 
 from scim_pipeline.commands import run_sync
 from scim_pipeline.defs.instance import dagster_instance
-from scim_pipeline_tests.pipeline.test_resilience import Lines, cli, finish
+from scim_pipeline_tests.pipeline.test_resilience import Lines, cli
 from scim_pipeline_tests.pipeline.test_webhook_events import apply_webhooks, start_receiver, wait_for_inbox
 
 ORGS = 24
@@ -25,6 +26,18 @@ def slow_full_sync(world):
     out = Lines(sync)
     out.wait_for(f"[1/{ORGS}]", 120)
     return sync, out
+
+
+def finish(sync, out: Lines, timeout: float) -> str:
+    """The whole output of the sync, once it has ended (made to print its threads and failed if it does not)."""
+    try:
+        sync.wait(timeout)
+    except subprocess.TimeoutExpired:
+        sync.send_signal(signal.SIGABRT)
+        sync.wait(30)
+        pytest.fail(f"the sync still ran after {timeout:.0f}s:\n{out.text()[-6000:]}")
+    out.wait_for("took ", 30)  # its summary: the last line
+    return out.text()
 
 
 @pytest.mark.world(orgs=ORGS, users_per_org=10, groups_per_org=2)
@@ -47,7 +60,7 @@ def test_an_incremental_run_completes_while_a_full_sync_of_many_organizations_is
         print(f"incremental run and delivery: {took:.1f}s, while the full sync had written {synced_before} of {ORGS}")
 
         world.emulator.faults(latency_ms=0)
-        text = finish(sync, 240)
+        text = finish(sync, out, 240)
         assert sync.returncode == 0, text[-3000:]
     finally:
         receiver.stop()
@@ -63,7 +76,7 @@ def test_a_burst_of_webhook_runs_never_starves_the_reconciliation(world):
                                 *orgs[w::3]], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
               for w in range(3)]
     try:
-        text = finish(sync, 240)  # the reconciliation ends while the burst goes on
+        text = finish(sync, out, 240)  # the reconciliation ends while the burst goes on
     finally:
         stop.touch()
         outputs = [burst.communicate(timeout=120)[0] for burst in bursts]
