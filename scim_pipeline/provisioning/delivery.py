@@ -54,6 +54,7 @@ class DeliveryReport:
     revived: int = 0  # dead changes given a fresh round
     replaced: int = 0  # in-doubt changes the directory changed its mind about, replaced before being sent again
     errors: dict[str, str] = field(default_factory=dict)  # organization -> transport error
+    organizations: list[str] = field(default_factory=list)  # those that had changes to send
 
     @property
     def applied(self) -> int:
@@ -159,8 +160,9 @@ def _deliver_batch(warehouse, client, orgs, outbox, policy, now, progress, repor
             )
     for org, at in marks:
         outbox.mark_ready([org], at)
-    for line in said:
-        progress(line)
+    if said:  # one message a batch: a message can cost more than a small organization's delivery
+        progress("\n".join(said))
+    report.organizations += [org for org in ready if org not in report.organizations]
     return done, again
 
 

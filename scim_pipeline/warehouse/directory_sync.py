@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LOAD_MEMORY_LIMIT = "128MB"
+ASK_EVERY_S = 0.2  # how often a turn asks whether another writer waits (a query of Dagster's storage)
 LOAD_THREADS = 1  # per-organization statements are small: a second thread cost more CPU than it saved time
 
 
@@ -102,6 +104,7 @@ def sync_organizations(
     listed: queue.Queue[Future] = queue.Queue()
     stop = threading.Event()
     turns = turns or Turns()
+    said: list[str] = []
 
     def done() -> int:
         return len(report.synced) + len(report.skipped) + len(report.failed)
@@ -113,10 +116,10 @@ def sync_organizations(
             return future.result()
         except NoDirectory as exc:
             report.skipped[org] = str(exc)
-            progress(f"[{done()}/{total}] {org}: skipped ({exc})")
+            said.append(f"[{done()}/{total}] {org}: skipped ({exc})")
         except ScalekitError as exc:
             report.failed[org] = str(exc)
-            progress(f"[{done()}/{total}] {org}: FAILED: {exc}")
+            said.append(f"[{done()}/{total}] {org}: FAILED: {exc}")
         return None
 
     def load(con, spool: Spool) -> None:
@@ -129,11 +132,18 @@ def sync_organizations(
         finally:
             spool.remove()
         report.synced[spool.organization_id] = counts
-        progress(
+        said.append(
             f"[{done()}/{total}] {spool.organization_id}: "
             f"{counts.users} users (+{counts.users_new} ~{counts.users_changed} -{counts.users_deleted}), "
             f"{counts.groups} groups"
         )
+
+    def say() -> None:
+        # One message for the organizations of a turn: each message is an event in Dagster's run log, which costs
+        # more than writing a small organization.
+        if said:
+            progress("\n".join(said))
+            said.clear()
 
     def next_ready() -> Spool | None:
         """An organization already listed, without waiting for one."""
@@ -158,18 +168,30 @@ def sync_organizations(
                 # Listing goes on in the pool while this thread writes. Opening, checkpointing and closing DuckDB
                 # costs more than loading a small organization, so every organization already listed is loaded in
                 # the same turn and connection, one transaction each. The turn ends as soon as none is ready (the
-                # warehouse is never held while listing) or another writer waits: that writer waits for one
-                # organization's write at most, and this sync takes its next turn after it.
+                # warehouse is never held while listing) or another writer waits (asked every ASK_EVERY_S): that
+                # writer waits for the organization being written, or a moment of small ones, and this sync takes
+                # its next turn after it.
                 spool = take(listed.get())
                 remaining -= 1
                 if spool is None:
+                    say()
                     continue
                 with turns.turn(), warehouse.session() as con:
                     tune(con)
+                    asked, first = time.monotonic(), True
                     while spool is not None:
                         load(con, spool)
-                        spool = None if turns.others_waiting() else next_ready()
+                        if first:  # said at once for the turn's first organization, at its end for the others
+                            say()
+                            first = False
+                        if time.monotonic() - asked >= ASK_EVERY_S:
+                            if turns.others_waiting():
+                                break
+                            asked = time.monotonic()
+                        spool = next_ready()
+                say()
         except BaseException:
+            say()
             # List no more organizations that nobody will load, and stop those being listed at their next page:
             # leaving the pool waits for them (a SIGTERM must not wait for whole organizations to be listed).
             stop.set()
