@@ -130,8 +130,15 @@ def _deliver_batch(warehouse, client, orgs, outbox, policy, now, progress, repor
     again, said = [], []
     with warehouse.write() as con:
         stamp = now()
+        answered = {org: [r for r in results[org] if r.status in ("applied", "rejected")] for org in ready}
+        # The answers of the whole batch at once (they name their changes), then what was not delivered.
+        if any(answered.values()):
+            record_results(con, [r.as_dict() for org in ready for r in answered[org]], stamp, policy.max_attempts,
+                           policy.backoff_s, policy.backoff_cap_s)
         for org, changes in ready.items():
-            answered, failed = _record(con, org, results[org], stamp, policy, report)
+            failed = [r for r in results[org] if r.status == "failed"]
+            if failed:
+                _record_failed(con, org, failed, answered[org], stamp, policy, report)
             retry_at = con.execute(
                 "SELECT min(next_attempt_at) FROM change_sets WHERE organization_id = $org AND status = 'failed'",
                 {"org": org},
@@ -144,7 +151,7 @@ def _deliver_batch(warehouse, client, orgs, outbox, policy, now, progress, repor
             if first and revival_at is not None and revival_at <= stamp:
                 again.append(org)
             by_id = {c["change_id"]: c for c in changes}
-            for r in answered:
+            for r in answered[org]:
                 if r.status == "applied":
                     c = by_id[r.change_id]
                     report.sent[f"{c['entity']}.{c['op']}"] += 1
@@ -152,8 +159,8 @@ def _deliver_batch(warehouse, client, orgs, outbox, policy, now, progress, repor
                     report.rejected += 1
             revived, replaced = prepared[org]
             said.append(
-                f"{org}: {sum(1 for r in answered if r.status == 'applied')} applied, "
-                f"{sum(1 for r in answered if r.status == 'rejected')} rejected, {len(failed)} not delivered"
+                f"{org}: {sum(1 for r in answered[org] if r.status == 'applied')} applied, "
+                f"{sum(1 for r in answered[org] if r.status == 'rejected')} rejected, {len(failed)} not delivered"
                 + (f" ({report.errors[org]})" if org in report.errors else "")
                 + (f"; {revived} dead change(s) tried again" if revived else "")
                 + (f"; {replaced} in-doubt change(s) re-derived" if replaced else "")
@@ -164,19 +171,6 @@ def _deliver_batch(warehouse, client, orgs, outbox, policy, now, progress, repor
         progress("\n".join(said))
     report.organizations += [org for org in ready if org not in report.organizations]
     return done, again
-
-
-def _record(con, org: str, results: list[ChangeResult], stamp: datetime, policy: DeliveryPolicy,
-            report: DeliveryReport) -> tuple[list[ChangeResult], list[ChangeResult]]:
-    """Record the application's answers about one organization's changes: (answered, not delivered)."""
-    answered = [r for r in results if r.status in ("applied", "rejected")]
-    failed = [r for r in results if r.status == "failed"]
-    if answered:
-        record_results(con, [r.as_dict() for r in answered], stamp, policy.max_attempts, policy.backoff_s,
-                       policy.backoff_cap_s)
-    if failed:
-        _record_failed(con, org, failed, answered, stamp, policy, report)
-    return answered, failed
 
 
 def _record_failed(con, org: str, failed: list[ChangeResult], answered: list[ChangeResult], stamp: datetime,
