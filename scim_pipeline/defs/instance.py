@@ -10,6 +10,10 @@ from pathlib import Path
 from scim_pipeline.config import home
 
 TEMPLATE = Path(__file__).with_name("dagster.yaml")
+# A run over many organizations records one "planned" event per asset, not one per asset and organization: a
+# reconciliation of a thousand organizations would write six thousand events to the run log before it starts.
+# Dagster's trade: a run that fails marks itself failed, not each of its partitions.
+PLANNED_EVENTS_VAR = "DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS"
 
 
 def ensure_dagster_home() -> Path:
@@ -19,6 +23,7 @@ def ensure_dagster_home() -> Path:
     if not config.exists():  # never overwrite an operator's own instance config (e.g. Postgres storage)
         shutil.copyfile(TEMPLATE, config)
     os.environ["DAGSTER_HOME"] = str(path)
+    os.environ.setdefault(PLANNED_EVENTS_VAR, "true")  # inherited by the daemon and webserver this process starts
     return path
 
 

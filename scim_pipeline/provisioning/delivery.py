@@ -103,10 +103,20 @@ def _deliver_batch(warehouse, client, orgs, outbox, policy, now, progress, repor
     marks: list[tuple[str, datetime]] = []
     with warehouse.write() as con:
         stamp = now()
+        # Only changes pending, failed, dead or held are ever prepared or sent: an organization with none has
+        # nothing to do (most of them, in a sync where little changed), and is passed over without a statement.
+        active = {row[0] for row in con.execute(
+            "SELECT DISTINCT organization_id FROM change_sets WHERE list_contains($orgs, organization_id) "
+            "AND status IN ('pending', 'failed', 'dead', 'held')", {"orgs": orgs}).fetchall()}
+        prepared_here = 0
         for org in orgs:
-            if done and (len(done) >= BATCH_ORGANIZATIONS or sum(map(len, ready.values())) >= BATCH_CHANGES):
+            if prepared_here and (prepared_here >= BATCH_ORGANIZATIONS
+                                  or sum(map(len, ready.values())) >= BATCH_CHANGES):
                 break
             done.append(org)
+            if org not in active:
+                continue
+            prepared_here += 1
             revived = revive_dead(con, org, stamp, died_before=stamp - cooldown, delivered_since=True).get(org, 0)
             replaced = rederive_in_doubt(con, org, stamp)["replaced"]
             apply_directory_holds(con, org)
