@@ -170,7 +170,10 @@ class PoolTurns(Turns):
             while not storage.claim_concurrency_slot(self.pool, self.run_id, self.step_key).is_claimed:
                 if check_captured_interrupt():
                     raise DagsterExecutionInterruptedError()
-                wait = wait or _Wait(wait_bound_s())
+                if wait is None:
+                    wait = _Wait(wait_bound_s())
+                    # Waiting a turn is routine: said (in the run's log, an event) only once it lasts.
+                    wait.said_at = wait.started - SAY_EVERY_S + TURN_SAY_AFTER_S
                 _still_waiting(self.instance, self.run_id, self.pool, self.step_key, wait)
                 time.sleep(TURN_CHECK_S)
             yield
@@ -182,6 +185,7 @@ class PoolTurns(Turns):
         return any(step.run_id != self.run_id or step.step_key != self.step_key for step in info.pending_steps)
 
 
+TURN_SAY_AFTER_S = 5.0
 TURN_CHECK_S = 0.1  # a turn is short, and every wait adds to a webhook's latency: look often (an SQLite query)
 
 _dagster_claim = InstanceConcurrencyContext.claim
