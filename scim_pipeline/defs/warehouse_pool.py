@@ -13,6 +13,9 @@ step waiting for a slot
 - gives up after ``SCIM_PIPELINE_WAREHOUSE_WAIT_S`` seconds (default 600) with ``WarehouseWaitTimeout``, which
   fails the run and frees its claim,
 - stops at once on SIGTERM or SIGINT, as a step's own code would.
+
+``PoolTurns`` waits the same way for a step that takes the slot for each write instead of for its whole run (a
+full sync, which lists Scalekit between its writes; provisioning, chunk by chunk).
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ DEFAULT_WAIT_S = 600.0
 CHECK_EVERY_S = 0.25  # how often the pool is asked again (an SQLite query); Dagster's own backoff reaches 15 s
 SLEEP_S = 0.25  # longest sleep between looks at a signal
 SAY_EVERY_S = 60.0
+TURN_CHECK_S = 0.1  # a turn is short, and every wait adds to a webhook's latency: look often (an SQLite query)
+TURN_SAY_AFTER_S = 5.0
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +189,6 @@ class PoolTurns(Turns):
         info = self.instance.event_log_storage.get_concurrency_info(self.pool)
         return any(step.run_id != self.run_id or step.step_key != self.step_key for step in info.pending_steps)
 
-
-TURN_SAY_AFTER_S = 5.0
-TURN_CHECK_S = 0.1  # a turn is short, and every wait adds to a webhook's latency: look often (an SQLite query)
 
 _dagster_claim = InstanceConcurrencyContext.claim
 
