@@ -25,7 +25,7 @@ from scim_pipeline.warehouse.connection import Warehouse, transaction
 
 IN_ORGS = "list_contains($orgs, organization_id)"
 INLINE_DELIVERY_GRACE = timedelta(seconds=60)
-CHUNK_USERS = 20_000
+CHUNK_USERS = 5_000  # a few large organizations, or hundreds of small ones, a transaction
 
 
 @dg.multi_asset(
