@@ -30,6 +30,10 @@ storage:
 def instance_yaml(postgres: bool) -> str:
     """The ``dagster.yaml`` an installation is seeded with: embedded (SQLite in DAGSTER_HOME), or on PostgreSQL."""
     return TEMPLATE.read_text() + (POSTGRES_STORAGE if postgres else "")
+# A run over many organizations records one "planned" event per asset, not one per asset and organization: a
+# reconciliation of a thousand organizations would write six thousand events to the run log before it starts.
+# Dagster's trade: a run that fails marks itself failed, not each of its partitions.
+PLANNED_EVENTS_VAR = "DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS"
 
 
 def ensure_dagster_home() -> Path:
@@ -49,6 +53,7 @@ def ensure_dagster_home() -> Path:
         log.warning("%s is set, but %s (an operator's own) keeps Dagster's storage elsewhere: add its storage block "
                     "from %s", POSTGRES_URL_VAR, config, "deploy/dagster.yaml")
     os.environ["DAGSTER_HOME"] = str(path)
+    os.environ.setdefault(PLANNED_EVENTS_VAR, "true")  # inherited by the daemon and webserver this process starts
     return path
 
 

@@ -13,6 +13,9 @@ step waiting for a slot
 - gives up after ``SCIM_PIPELINE_WAREHOUSE_WAIT_S`` seconds (default 600) with ``WarehouseWaitTimeout``, which
   fails the run and frees its claim,
 - stops at once on SIGTERM or SIGINT, as a step's own code would.
+
+``PoolTurns`` waits the same way for a step that takes the slot for each write instead of for its whole run (a
+full sync, which lists Scalekit between its writes; provisioning, chunk by chunk).
 """
 
 from __future__ import annotations
@@ -29,12 +32,16 @@ from dagster._core.execution.plan.instance_concurrency_context import InstanceCo
 from dagster._utils.interrupts import check_captured_interrupt
 
 from scim_pipeline.config import number_setting
+from scim_pipeline.defs.partitions import WAREHOUSE_POOL
+from scim_pipeline.warehouse.connection import Turns
 
 WAIT_VAR = "SCIM_PIPELINE_WAREHOUSE_WAIT_S"
 DEFAULT_WAIT_S = 600.0
-CHECK_EVERY_S = 1.0  # how often the pool is asked again; Dagster's own backoff reaches 15 s
+CHECK_EVERY_S = 0.25  # how often the pool is asked again (an SQLite query); Dagster's own backoff reaches 15 s
 SLEEP_S = 0.25  # longest sleep between looks at a signal
 SAY_EVERY_S = 60.0
+TURN_CHECK_S = 0.1  # a turn is short, and every wait adds to a webhook's latency: look often (an SQLite query)
+TURN_SAY_AFTER_S = 5.0
 
 log = logging.getLogger(__name__)
 
@@ -90,32 +97,35 @@ def _claim(self: InstanceConcurrencyContext, concurrency_key: str, step_key: str
     wait = waits.get(step_key)
     if wait is None:
         wait = waits[step_key] = _Wait(wait_bound_s())
-    now = time.monotonic()
-    if now - wait.started >= wait.bound_s:
-        raise WarehouseWaitTimeout(
-            f"gave up waiting for the {concurrency_key} after {wait.bound_s:g}s: "
-            f"{holders(self._instance, concurrency_key)} holds its slot")
-    if now - wait.said_at >= SAY_EVERY_S:
-        wait.said_at = now
-        _waiting(self, concurrency_key, step_key, wait)
+    _still_waiting(self._instance, self._run_id, concurrency_key, step_key, wait)
     return False
 
 
-def _waiting(self: InstanceConcurrencyContext, pool: str, step_key: str, wait: _Wait) -> None:
+def _still_waiting(instance, run_id: str, pool: str, step_key: str, wait: _Wait) -> None:
+    """Give up past the bound; once a minute, say who holds the slot (and free it from a dead or ended run)."""
+    now = time.monotonic()
+    if now - wait.started >= wait.bound_s:
+        raise WarehouseWaitTimeout(
+            f"gave up waiting for the {pool} after {wait.bound_s:g}s: {holders(instance, pool)} holds its slot")
+    if now - wait.said_at >= SAY_EVERY_S:
+        wait.said_at = now
+        _waiting(instance, run_id, pool, step_key, wait)
+
+
+def _waiting(instance, run_id: str, pool: str, step_key: str, wait: _Wait) -> None:
     from scim_pipeline.defs.run_reaper import reap_dead_runs
 
-    instance = self._instance
     info = instance.event_log_storage.get_concurrency_info(pool)
     held_by = [slot.run_id for slot in info.claimed_slots]
     if held_by and reap_dead_runs(instance, held_by):
         return  # the slot was held by a dead run, freed now: the next check takes it
-    if _free_for_finished_runs(instance, (set(held_by) | info.assigned_run_ids) - {self._run_id}):
+    if _free_for_finished_runs(instance, (set(held_by) | info.assigned_run_ids) - {run_id}):
         return  # a run that has ended kept a slot (or a slot handed to it): freed, the next check takes it
     message = (f"Waiting for the {pool}: {holders(instance, pool)} holds its slot "
                f"(step {step_key}; giving up {wait.bound_s:g}s after it began to wait)")
     for say in list(_reporters) or [log.warning]:
         say(message)
-    run = instance.get_run_by_id(self._run_id)
+    run = instance.get_run_by_id(run_id)
     if run is not None:
         instance.report_engine_event(message, run)  # shows in the run's log in the UI
 
@@ -139,6 +149,45 @@ def _interval_to_next_pending_claim_check(self: InstanceConcurrencyContext) -> f
     next_check = min((at - now for at in self._pending_timeouts.values()), default=0.0)
     # Short sleeps: a signal is acted on by the next claim, and Dagster's loop calls it right after this sleep.
     return max(0.0, min(SLEEP_S, next_check))
+
+
+class PoolTurns(Turns):
+    """A step's turns at the warehouse: the pool's slot, claimed for one write and freed after it, so that a step
+    which spends most of its time elsewhere (a full sync listing Scalekit) holds the slot only while it writes.
+
+    The pool queues claims first come, first served (Dagster's pending steps, by priority then time), so a step
+    that takes turn after turn lets every step that asked meanwhile write in between, and is never passed over
+    itself: a burst of webhook runs delays a reconciliation by their writes, never indefinitely. A step taking
+    turns declares no ``pool``: the executor's claim would hold the slot for the whole step."""
+
+    def __init__(self, instance, run_id: str, step_key: str, pool: str = WAREHOUSE_POOL):
+        self.instance, self.run_id, self.step_key, self.pool = instance, run_id, step_key, pool
+
+    @classmethod
+    def of(cls, context: dg.AssetExecutionContext) -> "PoolTurns":
+        return cls(context.instance, context.run.run_id, context.get_step_execution_context().step.key)
+
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        storage = self.instance.event_log_storage
+        try:
+            wait = None
+            while not storage.claim_concurrency_slot(self.pool, self.run_id, self.step_key).is_claimed:
+                if check_captured_interrupt():
+                    raise DagsterExecutionInterruptedError()
+                if wait is None:
+                    wait = _Wait(wait_bound_s())
+                    # Waiting a turn is routine: said (in the run's log, an event) only once it lasts.
+                    wait.said_at = wait.started - SAY_EVERY_S + TURN_SAY_AFTER_S
+                _still_waiting(self.instance, self.run_id, self.pool, self.step_key, wait)
+                time.sleep(TURN_CHECK_S)
+            yield
+        finally:  # the slot, or the place in its queue: a run that stops here keeps neither
+            storage.free_concurrency_slot_for_step(self.run_id, self.step_key)
+
+    def others_waiting(self) -> bool:
+        info = self.instance.event_log_storage.get_concurrency_info(self.pool)
+        return any(step.run_id != self.run_id or step.step_key != self.step_key for step in info.pending_steps)
 
 
 _dagster_claim = InstanceConcurrencyContext.claim

@@ -1,7 +1,10 @@
 """Delivery of the ledger's ready changes to the application: the one path from the warehouse to the application.
 
 Per organization: prepare and read what is ready (short write), send it in protocol order batch after batch with no
-warehouse lock held, then record every answer (short write). The delivered state changes only from acknowledged
+warehouse lock held, then record every answer (short write). Small organizations share those writes: one prepares
+(and one records for) consecutive organizations until they add up to ``BATCH_CHANGES`` changes or
+``BATCH_ORGANIZATIONS``, since opening and checkpointing the warehouse costs more than a small organization's
+statements. The delivered state changes only from acknowledged
 results, so an application that is down never loses or duplicates anything: its changes wait in the ledger with a
 backoff. Preparing means: dead changes come back once the application answers again after a cool-down, in-doubt
 changes are re-derived against the desired state, and changes of a disabled directory are held (and released once
@@ -51,10 +54,15 @@ class DeliveryReport:
     revived: int = 0  # dead changes given a fresh round
     replaced: int = 0  # in-doubt changes the directory changed its mind about, replaced before being sent again
     errors: dict[str, str] = field(default_factory=dict)  # organization -> transport error
+    organizations: list[str] = field(default_factory=list)  # those that had changes to send
 
     @property
     def applied(self) -> int:
         return sum(self.sent.values())
+
+
+BATCH_ORGANIZATIONS = 50
+BATCH_CHANGES = 2000
 
 
 def deliver_ready(
@@ -71,74 +79,110 @@ def deliver_ready(
     organization is released once done, so one this delivery never finishes comes due again when the lease runs
     out."""
     report = DeliveryReport()
-    for org in organization_ids:
+    todo = list(organization_ids)
+    while todo:
+        done, again = _deliver_batch(warehouse, client, todo, outbox, policy, now, progress, report, first=True)
         # A second pass sends the dead changes that this pass's answers brought back.
-        if _deliver_organization(warehouse, client, org, outbox, policy, now, progress, report, first=True):
-            _deliver_organization(warehouse, client, org, outbox, policy, now, progress, report, first=False)
+        while again:
+            second, _ = _deliver_batch(warehouse, client, again, outbox, policy, now, progress, report, first=False)
+            again = again[len(second):]
         if lease is not None:
-            outbox.release(lease, [org])
+            outbox.release(lease, done)
+        todo = todo[len(done):]
     return report
 
 
-def _deliver_organization(warehouse, client, org, outbox, policy, now, progress, report, first: bool) -> bool:
-    """One pass over the organization; True when dead changes are due back now."""
+def _deliver_batch(warehouse, client, orgs, outbox, policy, now, progress, report,
+                   first: bool) -> tuple[list[str], list[str]]:
+    """One pass over the first organizations of ``orgs`` (as many as make a batch): the organizations done, and
+    those of them whose dead changes are due back now."""
     cooldown = timedelta(seconds=policy.dead_cooldown_s)
+    done: list[str] = []
+    ready: dict[str, list[dict]] = {}
+    prepared: dict[str, tuple[int, int]] = {}  # organization -> (revived, replaced)
+    marks: list[tuple[str, datetime]] = []
     with warehouse.write() as con:
         stamp = now()
-        revived = revive_dead(con, org, stamp, died_before=stamp - cooldown, delivered_since=True).get(org, 0)
-        replaced = rederive_in_doubt(con, org, stamp)["replaced"]
-        apply_directory_holds(con, org)
-        changes = ready_changes(con, org, stamp, policy.max_attempts)
-        held = first_int(con.execute("SELECT count(*) FROM change_sets WHERE organization_id = $org "
-                                     "AND status = 'held' AND hold_reason = $reason",
-                                     {"org": org, "reason": HOLD_DIRECTORY}))
-        revival_at = None if changes else _next_revival(con, org, cooldown)
-        if changes:
-            client.read_state(con, org)
-    report.revived += revived
-    report.replaced += replaced
-    if first:
-        report.held_back += held
-    if not changes:
-        if revival_at is not None:
-            outbox.mark_ready([org], revival_at)
-        return False
+        # Only changes pending, failed, dead or held are ever prepared or sent: an organization with none has
+        # nothing to do (most of them, in a sync where little changed), and is passed over without a statement.
+        active = {row[0] for row in con.execute(
+            "SELECT DISTINCT organization_id FROM change_sets WHERE list_contains($orgs, organization_id) "
+            "AND status IN ('pending', 'failed', 'dead', 'held')", {"orgs": orgs}).fetchall()}
+        prepared_here = 0
+        for org in orgs:
+            if prepared_here and (prepared_here >= BATCH_ORGANIZATIONS
+                                  or sum(map(len, ready.values())) >= BATCH_CHANGES):
+                break
+            done.append(org)
+            if org not in active:
+                continue
+            prepared_here += 1
+            revived = revive_dead(con, org, stamp, died_before=stamp - cooldown, delivered_since=True).get(org, 0)
+            replaced = rederive_in_doubt(con, org, stamp)["replaced"]
+            apply_directory_holds(con, org)
+            changes = ready_changes(con, org, stamp, policy.max_attempts)
+            report.revived += revived
+            report.replaced += replaced
+            if first:
+                report.held_back += first_int(con.execute(
+                    "SELECT count(*) FROM change_sets WHERE organization_id = $org AND status = 'held' "
+                    "AND hold_reason = $reason", {"org": org, "reason": HOLD_DIRECTORY}))
+            if changes:
+                ready[org], prepared[org] = changes, (revived, replaced)
+                client.read_state(con, org)
+            elif (revival_at := _next_revival(con, org, cooldown)) is not None:
+                marks.append((org, revival_at))
+    for org, at in marks:
+        outbox.mark_ready([org], at)
+    if not ready:
+        return done, []
 
-    results = send_changes(client, org, changes, batch_size=policy.batch_size)
-    by_id = {c["change_id"]: c for c in changes}
-    answered = [r for r in results if r.status in ("applied", "rejected")]
-    failed = [r for r in results if r.status == "failed"]
+    results = {org: send_changes(client, org, changes, batch_size=policy.batch_size) for org, changes in ready.items()}
+    again, said = [], []
     with warehouse.write() as con:
         stamp = now()
-        if answered:
-            record_results(con, [r.as_dict() for r in answered], stamp, policy.max_attempts, policy.backoff_s,
-                           policy.backoff_cap_s)
-        if failed:
-            _record_failed(con, org, failed, answered, stamp, policy, report)
-        client.write_state(con, org)
-        retry_at = con.execute(
-            "SELECT min(next_attempt_at) FROM change_sets WHERE organization_id = $org AND status = 'failed'",
-            {"org": org},
-        ).fetchall()[0][0]
-        revival_at = _next_revival(con, org, cooldown)
-    if retry_at is not None:
-        outbox.mark_ready([org], retry_at)
-    for r in answered:
-        if r.status == "applied":
-            c = by_id[r.change_id]
-            report.sent[f"{c['entity']}.{c['op']}"] += 1
-        else:
-            report.rejected += 1
-    progress(
-        f"{org}: {sum(1 for r in answered if r.status == 'applied')} applied, "
-        f"{sum(1 for r in answered if r.status == 'rejected')} rejected, {len(failed)} not delivered"
-        + (f" ({report.errors[org]})" if org in report.errors else "")
-        + (f"; {revived} dead change(s) tried again" if revived else "")
-        + (f"; {replaced} in-doubt change(s) re-derived" if replaced else "")
-    )
-    if revival_at is not None and revival_at > stamp:
-        outbox.mark_ready([org], revival_at)
-    return first and revival_at is not None and revival_at <= stamp
+        answered = {org: [r for r in results[org] if r.status in ("applied", "rejected")] for org in ready}
+        # The answers of the whole batch at once (they name their changes), then what was not delivered.
+        if any(answered.values()):
+            record_results(con, [r.as_dict() for org in ready for r in answered[org]], stamp, policy.max_attempts,
+                           policy.backoff_s, policy.backoff_cap_s)
+        for org, changes in ready.items():
+            failed = [r for r in results[org] if r.status == "failed"]
+            if failed:
+                _record_failed(con, org, failed, answered[org], stamp, policy, report)
+            client.write_state(con, org)
+            retry_at = con.execute(
+                "SELECT min(next_attempt_at) FROM change_sets WHERE organization_id = $org AND status = 'failed'",
+                {"org": org},
+            ).fetchall()[0][0]
+            revival_at = _next_revival(con, org, cooldown)
+            if retry_at is not None:
+                marks.append((org, retry_at))
+            if revival_at is not None and revival_at > stamp:
+                marks.append((org, revival_at))
+            if first and revival_at is not None and revival_at <= stamp:
+                again.append(org)
+            by_id = {c["change_id"]: c for c in changes}
+            for r in answered[org]:
+                if r.status == "applied":
+                    c = by_id[r.change_id]
+                    report.sent[f"{c['entity']}.{c['op']}"] += 1
+                else:
+                    report.rejected += 1
+            revived, replaced = prepared[org]
+            said.append(
+                f"{org}: {sum(1 for r in answered[org] if r.status == 'applied')} applied, "
+                f"{sum(1 for r in answered[org] if r.status == 'rejected')} rejected, {len(failed)} not delivered"
+                + (f" ({report.errors[org]})" if org in report.errors else "")
+                + (f"; {revived} dead change(s) tried again" if revived else "")
+                + (f"; {replaced} in-doubt change(s) re-derived" if replaced else "")
+            )
+    for org, at in marks:
+        outbox.mark_ready([org], at)
+    if said:  # one message a batch: a message can cost more than a small organization's delivery
+        progress("\n".join(said))
+    report.organizations += [org for org in ready if org not in report.organizations]
+    return done, again
 
 
 def _record_failed(con, org: str, failed: list[ChangeResult], answered: list[ChangeResult], stamp: datetime,

@@ -6,6 +6,9 @@ policy), readers open read-only, and the lock is always released (closed in ``fi
 
 ``write()`` is one transaction. Work that commits several times — a full sync writes each organization in a
 transaction of its own — takes a ``session()`` and opens each ``transaction(con)`` itself.
+
+Writers of several processes take ``Turns``: a long piece of work (a full sync, which spends most of its time
+listing Scalekit) holds the warehouse for one short write at a time, and lets whoever waits write in between.
 """
 
 from __future__ import annotations
@@ -58,6 +61,21 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConne
         con.execute("ROLLBACK")
         raise
     con.execute("COMMIT")
+
+
+class Turns:
+    """Turns at writing the warehouse, for work that writes many times with other work in between. This one is for
+    a writer alone: always its turn, nobody waiting. The Dagster layer hands out the ``warehouse`` pool's slot, in
+    the order it was asked for (``defs/warehouse_pool.PoolTurns``)."""
+
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        """Hold the warehouse for one write (a session, a few transactions): wait for it, and let go after."""
+        yield
+
+    def others_waiting(self) -> bool:
+        """Whether another writer waits for a turn now: then let go after the current transaction."""
+        return False
 
 
 class Warehouse:

@@ -1,11 +1,13 @@
 """Full directory sync of organizations: list from Scalekit (concurrently, to spool files), then load each
-organization into the warehouse in its own transaction. Plain functions; the Dagster assets call them."""
+organization into the warehouse in its own transaction, holding the warehouse only while it writes (``Turns``).
+Plain functions; the Dagster assets call them."""
 
 from __future__ import annotations
 
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import TYPE_CHECKING, Callable
 from scim_pipeline.lib.clock import utcnow
 from scim_pipeline.scalekit import ids
 from scim_pipeline.scalekit.directory_api import DirectoryAPI, NotFound, ScalekitError
-from scim_pipeline.warehouse.connection import transaction
+from scim_pipeline.warehouse.connection import Turns, transaction
 from scim_pipeline.warehouse.directory import (
     SnapshotCounts,
     Spool,
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LOAD_MEMORY_LIMIT = "128MB"
+ASK_EVERY_S = 0.2  # how often a turn asks whether another writer waits (a query of Dagster's storage)
 LOAD_THREADS = 1  # per-organization statements are small: a second thread cost more CPU than it saved time
 
 
@@ -96,8 +99,10 @@ def sync_organizations(
     spool_root: Path,
     workers: int = 8,
     progress: Callable[[str], None] = log.info,
+    turns: Turns | None = None,
 ) -> SyncReport:
-    """List every organization (``workers`` at a time, in threads) and load each as soon as it is listed.
+    """List every organization (``workers`` at a time, in threads) and load each as soon as it is listed, in a turn
+    at the warehouse (``turns``) that ends when no organization is ready to load or another writer waits.
 
     One organization failing (or having no directory) never stops the others; a Scalekit that refuses our
     credentials or cannot be reached at all is raised at once, since no organization can succeed."""
@@ -111,6 +116,8 @@ def sync_organizations(
     organization_ids = [org for org in organization_ids if org not in report.failed]
     listed: queue.Queue[Future] = queue.Queue()
     stop = threading.Event()
+    turns = turns or Turns()
+    said: list[str] = []
 
     def done() -> int:
         return len(report.synced) + len(report.skipped) + len(report.failed)
@@ -122,10 +129,10 @@ def sync_organizations(
             return future.result()
         except NoDirectory as exc:
             report.skipped[org] = str(exc)
-            progress(f"[{done()}/{total}] {org}: skipped ({exc})")
+            said.append(f"[{done()}/{total}] {org}: skipped ({exc})")
         except ScalekitError as exc:
             report.failed[org] = str(exc)
-            progress(f"[{done()}/{total}] {org}: FAILED: {exc}")
+            said.append(f"[{done()}/{total}] {org}: FAILED: {exc}")
         return None
 
     def load(con, spool: Spool) -> None:
@@ -142,12 +149,19 @@ def sync_organizations(
         report.synced[spool.organization_id] = counts
         if spool.deleted:
             report.deleted.append(spool.organization_id)
-        progress(
+        said.append(
             f"[{done()}/{total}] {spool.organization_id}: "
             + ("deleted in Scalekit: " if spool.deleted else "")
             + f"{counts.users} users (+{counts.users_new} ~{counts.users_changed} -{counts.users_deleted}), "
             f"{counts.groups} groups"
         )
+
+    def say() -> None:
+        # One message for the organizations of a turn: each message is an event in Dagster's run log, which costs
+        # more than writing a small organization.
+        if said:
+            progress("\n".join(said))
+            said.clear()
 
     def next_ready() -> Spool | None:
         """An organization already listed, without waiting for one."""
@@ -169,20 +183,33 @@ def sync_organizations(
         remaining = len(futures)
         try:
             while remaining:
-                # Listing goes on in the pool while this thread holds the warehouse. Opening, checkpointing and
-                # closing DuckDB costs more than loading a small organization, so every organization already listed
-                # is loaded through the same connection, one transaction each; the lock is released as soon as none
-                # is waiting.
+                # Listing goes on in the pool while this thread writes. Opening, checkpointing and closing DuckDB
+                # costs more than loading a small organization, so every organization already listed is loaded in
+                # the same turn and connection, one transaction each. The turn ends as soon as none is ready (the
+                # warehouse is never held while listing) or another writer waits (asked every ASK_EVERY_S): that
+                # writer waits for the organization being written, or a moment of small ones, and this sync takes
+                # its next turn after it.
                 spool = take(listed.get())
                 remaining -= 1
                 if spool is None:
+                    say()
                     continue
-                with warehouse.session() as con:
+                with turns.turn(), warehouse.session() as con:
                     tune(con)
+                    asked, first = time.monotonic(), True
                     while spool is not None:
                         load(con, spool)
+                        if first:  # said at once for the turn's first organization, at its end for the others
+                            say()
+                            first = False
+                        if time.monotonic() - asked >= ASK_EVERY_S:
+                            if turns.others_waiting():
+                                break
+                            asked = time.monotonic()
                         spool = next_ready()
+                say()
         except BaseException:
+            say()
             # List no more organizations that nobody will load, and stop those being listed at their next page:
             # leaving the pool waits for them (a SIGTERM must not wait for whole organizations to be listed).
             stop.set()

@@ -12,8 +12,9 @@ def test_definitions_load_with_every_job_sensor_and_schedule():
         "organizations", "directories", "directory_users", "directory_groups", "group_memberships",
         "role_assignments", "directory_users_history", "change_sets", "delivered_state",
     }
-    # every warehouse writer takes the pool of one (DuckDB admits one writing process), except delivery: it talks
-    # to the application for seconds and writes in short transactions that wait for the file's lock instead
+    # every warehouse writer takes the pool of one (DuckDB admits one writing process): the catalogue for its step;
+    # the synced and derived assets per write (PoolTurns), declaring no pool; delivery never: it talks to the
+    # application for seconds and writes in short transactions that wait for the file's lock instead
     for key in graph.get_all_asset_keys():
         node = graph.get(key)
-        assert node.pools == (set() if key.to_user_string() == "delivered_state" else {"warehouse"}), key
+        assert node.pools == ({"warehouse"} if key.to_user_string() in {"organizations", "directories"} else set()), key

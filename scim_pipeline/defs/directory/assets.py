@@ -5,8 +5,12 @@
 half-written; a run that covers many organizations (a backfill, the reconciliation) is a single run that lists them
 concurrently. The same step also runs in ``events`` mode, where it applies the webhook events waiting in the inbox
 instead of re-reading the directory: both modes end in the same derived assets.
+
+``directory_snapshot`` takes the ``warehouse`` pool's slot only while it writes (``PoolTurns``), not for the whole
+step: a full sync lists Scalekit for minutes, and the webhook path's runs write in between its organizations.
 """
 
+import os
 
 import dagster as dg
 
@@ -14,6 +18,7 @@ from scim_pipeline.config import settings
 from scim_pipeline.defs.metadata import count, preview
 from scim_pipeline.defs.partitions import WAREHOUSE_POOL, organizations_partitions
 from scim_pipeline.defs.resources import ScalekitResource
+from scim_pipeline.defs.warehouse_pool import PoolTurns
 from scim_pipeline.lib.clock import utcnow
 from scim_pipeline.provisioning.change_sets import apply_directory_holds
 from scim_pipeline.provisioning.outbox_index import OutboxIndex
@@ -96,7 +101,7 @@ class DirectorySnapshotConfig(dg.Config):
     ],
     partitions_def=organizations_partitions,
     backfill_policy=dg.BackfillPolicy.single_run(),
-    pool=WAREHOUSE_POOL,
+    # No ``pool``: the step takes the pool's slot for each write itself (PoolTurns), and none while it lists.
 )
 def directory_snapshot(
     context: dg.AssetExecutionContext,
@@ -108,22 +113,24 @@ def directory_snapshot(
     metadata: dict = {"organizations": len(orgs), "mode": config.mode}
     if config.mode not in ("full", "events"):
         raise dg.Failure(description=f"unknown mode {config.mode!r}: expected 'full' or 'events'")
+    turns = PoolTurns.of(context)
     to_sync = orgs
     if config.mode == "events":
-        metadata.update(apply_inbox_events(context, warehouse, orgs, config.up_to_seq))
-        # Scalekit's user events do not name the user's directory: where the warehouse cannot tell it either, the
-        # organization is read again in full, in this run.
-        with warehouse.read() as con:
-            to_sync = unplaced_organizations(con, orgs)
+        with turns.turn():
+            metadata.update(apply_inbox_events(context, warehouse, orgs, config.up_to_seq))
+            # Scalekit's user events do not name the user's directory: where the warehouse cannot tell it either,
+            # the organization is read again in full, in this run.
+            with warehouse.read() as con:
+                to_sync = unplaced_organizations(con, orgs)
         if to_sync:
             context.log.info(f"{len(to_sync)} organization(s) have users of an unknown directory: syncing in full")
             metadata["organizations_resynced"] = len(to_sync)
+    elif context.run.tags.get("scim_pipeline/trigger") == "reconciliation":
+        _yield_cpu(context)
     if to_sync:
         try:
-            report = sync_organizations(
-                scalekit.api(), warehouse, to_sync, settings().home / "spool", workers=config.workers,
-                progress=context.log.info,
-            )
+            report = sync_organizations(scalekit.api(), warehouse, to_sync, settings().home / "spool",
+                                        workers=config.workers, progress=context.log.info, turns=turns)
         except ScalekitError as exc:
             raise dg.Failure(description=str(exc)) from exc
         for org in report.deleted:
@@ -145,7 +152,7 @@ def directory_snapshot(
 
     params = {"orgs": orgs}
     in_orgs = "list_contains($orgs, organization_id)"
-    with warehouse.read() as con:
+    with turns.turn(), warehouse.read() as con:  # even a reader holds DuckDB's file lock: in turn, briefly
         users = count(con, f"SELECT 1 FROM directory_users WHERE {in_orgs} AND deleted_at IS NULL", params)
         groups = count(con, f"SELECT 1 FROM directory_groups WHERE {in_orgs} AND deleted_at IS NULL", params)
         user_preview = preview(con, f"""SELECT user_id, email, given_name, family_name, active, deleted_at
@@ -158,6 +165,19 @@ def directory_snapshot(
     yield dg.MaterializeResult(asset_key="directory_groups", metadata={
         "dagster/row_count": groups, "preview": group_preview,
     })
+
+
+RECONCILIATION_NICE = 10
+
+
+def _yield_cpu(context) -> None:
+    """A reconciliation run (its own process) lowers its CPU priority: on a shared machine the webhook path's runs
+    go first, and the reconciliation still has every cycle they leave (a lower priority is a smaller share, never
+    none)."""
+    try:
+        os.nice(RECONCILIATION_NICE)
+    except OSError as exc:
+        context.log.warning(f"could not lower the reconciliation's CPU priority: {exc}")
 
 
 def apply_inbox_events(context, warehouse: Warehouse, orgs: list[str], up_to_seq: int) -> dict:

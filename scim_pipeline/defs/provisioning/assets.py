@@ -1,9 +1,11 @@
 """Provisioning assets: from the synced directory to what the application must have, and the changes to get it
 there. One organization per partition; every step is SQL over whole tables (scim_pipeline.provisioning.change_sets).
 
-The four assets are computed by one step in one transaction: memberships, roles, history and change sets of an
-organization always agree with each other, and a run costs one step's bookkeeping instead of four (the webhook
-path counts its seconds).
+The four assets are computed by one step, each organization's in one transaction: memberships, roles, history and
+change sets of an organization always agree with each other, and a run costs one step's bookkeeping instead of four
+(the webhook path counts its seconds). Organizations go in chunks of about ``CHUNK_USERS`` users, one transaction
+each (many small organizations share one; a large one is a chunk alone), and the step takes the ``warehouse``
+pool's slot per turn of chunks (``PoolTurns``): a webhook run waits for one chunk, not a whole reconciliation's.
 """
 
 from datetime import timedelta
@@ -12,16 +14,18 @@ import dagster as dg
 
 from scim_pipeline.config import settings
 from scim_pipeline.defs.metadata import count, preview
-from scim_pipeline.defs.partitions import WAREHOUSE_POOL, organizations_partitions
+from scim_pipeline.defs.partitions import organizations_partitions
+from scim_pipeline.defs.warehouse_pool import PoolTurns
 from scim_pipeline.lib.clock import utcnow
 from scim_pipeline.provisioning.change_sets import compute_change_sets
 from scim_pipeline.provisioning.derive import derive_memberships, derive_roles, update_user_history
 from scim_pipeline.provisioning.outbox_index import OutboxIndex
 from scim_pipeline.provisioning.role_mapping import RoleMapping, RoleMappingError, load_role_mapping
-from scim_pipeline.warehouse.connection import Warehouse
+from scim_pipeline.warehouse.connection import Warehouse, transaction
 
 IN_ORGS = "list_contains($orgs, organization_id)"
 INLINE_DELIVERY_GRACE = timedelta(seconds=60)
+CHUNK_USERS = 5_000  # a few large organizations, or hundreds of small ones, a transaction
 
 
 @dg.multi_asset(
@@ -45,8 +49,8 @@ INLINE_DELIVERY_GRACE = timedelta(seconds=60)
     ],
     partitions_def=organizations_partitions,
     backfill_policy=dg.BackfillPolicy.single_run(),
-    pool=WAREHOUSE_POOL,
     can_subset=True,
+    # No ``pool``: the step takes the pool's slot for each turn of chunks itself (PoolTurns).
 )
 def provisioning(context: dg.AssetExecutionContext, warehouse: dg.ResourceParam[Warehouse]):
     orgs = list(context.partition_keys)
@@ -58,17 +62,23 @@ def provisioning(context: dg.AssetExecutionContext, warehouse: dg.ResourceParam[
             mapping = load_role_mapping(settings().role_mappings_path())
         except RoleMappingError as exc:
             raise dg.Failure(description=f"role mapping: {exc}") from exc
-    metadata: dict[str, dict] = {}
-    with warehouse.write() as con:
-        # In dependency order: each reads what the one before it wrote, or the table as it is when not selected.
-        if "group_memberships" in selected:
-            metadata["group_memberships"] = _memberships(con, orgs)
-        if "role_assignments" in selected:
-            metadata["role_assignments"] = _roles(con, orgs, mapping)
-        if "directory_users_history" in selected:
-            metadata["directory_users_history"] = _history(con, orgs, now)
-        if "change_sets" in selected:
-            metadata["change_sets"], ready = _change_sets(con, orgs, now, mapping, _reads_the_directory(context))
+    turns = PoolTurns.of(context)
+    totals: dict = {"memberships": 0, "roles": 0, "opened": 0, "closed": 0, "diff": {}, "tripped": []}
+    full = "change_sets" in selected and _reads_the_directory(context)
+    chunks = [orgs] if len(orgs) == 1 else None  # the webhook path: one organization, one transaction
+    metadata: dict[str, dict] | None = None
+    while metadata is None:
+        with turns.turn(), warehouse.session() as con:
+            if chunks is None:
+                chunks = _chunks(con, orgs)
+            while chunks:
+                with transaction(con):
+                    _derive(con, chunks.pop(0), selected, now, mapping, full, totals)
+                if chunks and turns.others_waiting():
+                    break  # let the writer waiting go first; the next turn goes on with the next chunk
+            else:
+                metadata = _describe(con, orgs, selected, mapping, totals)
+    ready = metadata.pop("ready", [])
 
     if "change_sets" in selected:
         # When this run delivers them itself (the webhook path), the mark is only a safety net for what it cannot
@@ -86,32 +96,73 @@ def provisioning(context: dg.AssetExecutionContext, warehouse: dg.ResourceParam[
         yield dg.MaterializeResult(asset_key=key, metadata=values)
 
 
-def _memberships(con, orgs: list[str]) -> dict:
-    rows = sum(derive_memberships(con, org) for org in orgs)
-    return {"dagster/row_count": rows, "preview": preview(
+def _chunks(con, orgs: list[str]) -> list[list[str]]:
+    """The organizations in runs of about CHUNK_USERS users (users and tombstones: what the SQL reads)."""
+    sizes = dict(con.execute(f"SELECT organization_id, count(*) FROM directory_users WHERE {IN_ORGS} GROUP BY 1",
+                             {"orgs": orgs}).fetchall())
+    chunks, chunk, users = [], [], 0
+    for org in orgs:
+        if chunk and users + sizes.get(org, 0) > CHUNK_USERS:
+            chunks.append(chunk)
+            chunk, users = [], 0
+        chunk.append(org)
+        users += sizes.get(org, 0)
+    return chunks + [chunk] if chunk else chunks
+
+
+def _derive(con, orgs: list[str], selected: set[str], now, mapping: RoleMapping | None, full: bool,
+            totals: dict) -> None:
+    """One chunk of organizations, in dependency order: each asset reads what the one before it wrote, or the table
+    as it is when not selected."""
+    if "group_memberships" in selected:
+        totals["memberships"] += derive_memberships(con, orgs)
+    if "role_assignments" in selected:
+        totals["roles"] += derive_roles(con, orgs, mapping)
+    if "directory_users_history" in selected:
+        history = update_user_history(con, orgs, now)
+        totals["opened"] += history["opened"]
+        totals["closed"] += history["closed"]
+    if "change_sets" in selected:
+        diff = compute_change_sets(con, orgs, now, mapping, full=full)  # one pass over the chunk
+        totals["tripped"] += diff.pop("guard_tripped")
+        for key, value in diff.items():
+            totals["diff"][key] = totals["diff"].get(key, 0) + value
+
+
+def _describe(con, orgs: list[str], selected: set[str], mapping: RoleMapping | None, totals: dict) -> dict:
+    """Each selected asset's metadata, in dependency order; ``ready``: the organizations with changes to send."""
+    metadata: dict = {}
+    if "group_memberships" in selected:
+        metadata["group_memberships"] = _memberships(con, orgs, totals)
+    if "role_assignments" in selected:
+        metadata["role_assignments"] = _roles(con, orgs, mapping, totals)
+    if "directory_users_history" in selected:
+        metadata["directory_users_history"] = _history(con, orgs, totals)
+    if "change_sets" in selected:
+        metadata["change_sets"], metadata["ready"] = _change_sets(con, orgs, totals)
+    return metadata
+
+
+def _memberships(con, orgs: list[str], totals: dict) -> dict:
+    return {"dagster/row_count": totals["memberships"], "preview": preview(
         con, f"SELECT group_name, user_id FROM group_memberships WHERE {IN_ORGS} ORDER BY 1, 2", {"orgs": orgs})}
 
 
-def _roles(con, orgs: list[str], mapping: RoleMapping) -> dict:
+def _roles(con, orgs: list[str], mapping: RoleMapping, totals: dict) -> dict:
     params = {"orgs": orgs}
-    rows = sum(derive_roles(con, org, mapping) for org in orgs)
     per_role = dict(con.execute(f"""SELECT role_name, count(DISTINCT user_id) FROM role_assignments
         WHERE {IN_ORGS} GROUP BY 1 ORDER BY 1""", params).fetchall())
     return {
-        "dagster/row_count": rows, "users_per_role": dg.MetadataValue.json(per_role), "role_mappings": mapping.path,
+        "dagster/row_count": totals["roles"], "users_per_role": dg.MetadataValue.json(per_role),
+        "role_mappings": mapping.path,
         "preview": preview(con, f"""SELECT user_id, role_name, source FROM role_assignments WHERE {IN_ORGS}
             ORDER BY 1, 2""", params),
     }
 
 
-def _history(con, orgs: list[str], now) -> dict:
-    opened = closed = 0
-    for org in orgs:
-        history = update_user_history(con, org, now)
-        opened += history["opened"]
-        closed += history["closed"]
+def _history(con, orgs: list[str], totals: dict) -> dict:
     rows = count(con, f"SELECT 1 FROM directory_users_history WHERE {IN_ORGS}", {"orgs": orgs})
-    return {"dagster/row_count": rows, "intervals_opened": opened, "intervals_closed": closed}
+    return {"dagster/row_count": rows, "intervals_opened": totals["opened"], "intervals_closed": totals["closed"]}
 
 
 def _reads_the_directory(context: dg.AssetExecutionContext) -> bool:
@@ -123,20 +174,18 @@ def _reads_the_directory(context: dg.AssetExecutionContext) -> bool:
     return ((ops.get("directory_snapshot") or {}).get("config") or {}).get("mode", "full") == "full"
 
 
-def _change_sets(con, orgs: list[str], now, mapping: RoleMapping, full: bool) -> tuple[dict, list[str]]:
+def _change_sets(con, orgs: list[str], totals: dict) -> tuple[dict, list[str]]:
     """The change sets' metadata, and the organizations with changes ready to send."""
     params = {"orgs": orgs}
-    diff = compute_change_sets(con, orgs, now, mapping, full=full)  # one pass over every organization of the run
-    tripped = diff.pop("guard_tripped")
     status = dict(con.execute(
         f"SELECT status, count(*) FROM change_sets WHERE {IN_ORGS} GROUP BY 1", params).fetchall())
     ready = [r[0] for r in con.execute(f"""SELECT DISTINCT organization_id FROM change_sets
         WHERE {IN_ORGS} AND status IN ('pending', 'failed')""", params).fetchall()]
     metadata = {
         "dagster/row_count": sum(status.values()),
-        **{f"diff/{k}": v for k, v in sorted(diff.items())},
+        **{f"diff/{k}": v for k, v in sorted(totals["diff"].items())},
         **{f"status/{k}": v for k, v in sorted(status.items())},
-        "guard_tripped": dg.MetadataValue.json(tripped),
+        "guard_tripped": dg.MetadataValue.json(sorted(totals["tripped"])),
         "preview": preview(con, f"""SELECT organization_id, entity, op, entity_key, status, hold_reason, attempts,
             last_error FROM change_sets WHERE {IN_ORGS} AND status NOT IN ('delivered', 'superseded')
             ORDER BY created_at DESC""", params),

@@ -29,9 +29,10 @@ class DeliveryConfig(dg.Config):
 
 
 def _deliver(context, config: DeliveryConfig, orgs: list[str], lease: Lease, warehouse: dg.ResourceParam[Warehouse],
-             application: ApplicationResource) -> dict:
+             application: ApplicationResource) -> tuple[dict, list[str]]:
     """Deliver these organizations' ready changes under the outbox lease; returns the materialization metadata of
-    ``delivered_state``. If this raises, the lease is left to run out, and the sensor delivers them again then."""
+    ``delivered_state`` and the organizations that had changes to send. If this raises, the lease is left to run
+    out, and the sensor delivers them again then."""
     outbox = OutboxIndex(settings().outbox_index_path)
     policy = DeliveryPolicy(config.max_attempts, config.backoff_s, batch_size=config.batch_size,
                             dead_cooldown_s=config.dead_cooldown_s)
@@ -47,7 +48,7 @@ def _deliver(context, config: DeliveryConfig, orgs: list[str], lease: Lease, war
         "held_back_disabled_directory": report.held_back,
         **{f"delivered/{k}": v for k, v in sorted(report.sent.items())},
         "errors": dg.MetadataValue.json(report.errors),
-    }
+    }, report.organizations
 
 
 # No warehouse pool: delivery talks to the application for seconds (minutes when it is down and retried), and its
@@ -65,7 +66,8 @@ def delivered_state(context: dg.AssetExecutionContext, config: DeliveryConfig, w
                     application: ApplicationResource) -> dg.MaterializeResult:
     orgs = list(context.partition_keys)
     lease = OutboxIndex(settings().outbox_index_path).claim(orgs, utcnow(), due_only=False)
-    return dg.MaterializeResult(metadata=_deliver(context, config, orgs, lease, warehouse, application))
+    metadata, _ = _deliver(context, config, orgs, lease, warehouse, application)
+    return dg.MaterializeResult(metadata=metadata)
 
 
 @dg.op(description="Send the ready changes of these organizations to the application and record each answer.",
@@ -79,10 +81,11 @@ def deliver(context: dg.OpExecutionContext, config: DeliveryConfig, warehouse: d
     if not orgs:
         context.log.info("nothing is due")
         return
-    metadata = _deliver(context, config, orgs, lease, warehouse, application)
+    metadata, sent_to = _deliver(context, config, orgs, lease, warehouse, application)
     # ``delivered_state`` has one owner, its asset (the webhook path's last step); what a delivery run sent shows on
-    # the same asset's page as an observation of each organization it delivered.
-    for org in orgs:
+    # the same asset's page as an observation of each organization it had changes for (not of every organization
+    # it looked at: a run over a thousand would log a thousand events for nothing).
+    for org in sent_to:
         context.log_event(dg.AssetObservation(asset_key="delivered_state", partition=org,
                                               metadata=metadata if len(orgs) == 1 else {"run_total": metadata["delivered"]}))
 
