@@ -63,12 +63,20 @@ class BatchTooLarge(DeliveryError):
         self.maybe_applied = maybe_applied
 
 
-class _TryAgain(Exception):
+class TryAgain(Exception):
     """One attempt that is worth repeating (429, 5xx, timeout, connection error, unreadable 2xx)."""
 
     def __init__(self, reason: str, retry_after: float | None = None):
         super().__init__(reason)
         self.retry_after = retry_after
+
+
+@dataclass
+class Attempts:
+    """What the attempts of one request have shown: whether any may have been applied (a 5xx, a timeout, a
+    connection lost after sending), so that its changes are in doubt."""
+
+    maybe_applied: bool = False
 
 
 class DeliveryRejected(DeliveryError):
@@ -151,13 +159,12 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, when.timestamp() - now)
 
 
-class ApplicationClient:
-    """Sends change batches to one application. Reuses one HTTP connection pool; close it (or use ``with``)."""
+class RetryingClient:
+    """What both delivery protocols' clients share: one HTTP connection pool to the application (close it, or use
+    ``with``), and one request retried by the package's ``RetryPolicy`` where retrying is worth it."""
 
     def __init__(
         self,
-        url: str,
-        secret: str,
         timeout: float = 10.0,
         max_attempts: int = 5,
         backoff_base: float = 0.5,
@@ -170,24 +177,52 @@ class ApplicationClient:
         (``DeliveryUnavailable.retry_after``), and the ledger schedules the batch for then."""
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
-        self.url = url.rstrip("/")
         self.max_attempts = max_attempts
         self.max_retry_after = max_retry_after
         self.retry = RetryPolicy(attempts=max_attempts, base_s=backoff_base, max_delay_s=backoff_max)
         self._sleep = sleep
         self._rng = rng or random.Random()
-        self._webhook = Webhook(secret)
         # trust_env=False: the application is reached directly, not through whatever proxy the shell names.
         self._http = httpx.Client(timeout=timeout, trust_env=False)
 
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "ApplicationClient":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+    def retried(self, what: str, attempt: Callable[[Attempts], Any]) -> Any:
+        """``attempt``'s answer, retried while it raises TryAgain (honouring a Retry-After up to
+        ``max_retry_after``); DeliveryUnavailable naming ``what`` once the budget is spent or a longer wait is asked."""
+        seen = Attempts()
+
+        def too_long(exc: BaseException) -> bool:
+            wait = getattr(exc, "retry_after", None)
+            return wait is not None and wait > self.max_retry_after
+
+        try:
+            return self.retry.call(lambda: attempt(seen),
+                                   retry_if=lambda exc: isinstance(exc, TryAgain) and not too_long(exc),
+                                   delay_hint=lambda exc: exc.retry_after, sleep=self._sleep, rng=self._rng)
+        except TryAgain as exc:
+            if too_long(exc):
+                raise DeliveryUnavailable(f"{what} not delivered: {exc}; the application asked to wait "
+                                          f"{exc.retry_after:.0f}s", exc.retry_after, seen.maybe_applied) from None
+            raise DeliveryUnavailable(f"{what} not delivered after {self.max_attempts} attempts: {exc}", None,
+                                      seen.maybe_applied) from None
+
+
+class ApplicationClient(RetryingClient):
+    """Sends change batches to one application."""
+
+    def __init__(self, url: str, secret: str, **options: Any):
+        """``options``: those of ``RetryingClient``."""
+        super().__init__(**options)
+        self.url = url.rstrip("/")
+        self._webhook = Webhook(secret)
 
     def __repr__(self) -> str:
         return f"ApplicationClient(url={self.url!r})"
@@ -218,55 +253,40 @@ class ApplicationClient:
 
     def _post(self, bid: str, body: bytes, size: int) -> Any:
         endpoint = self.url + CHANGES_PATH
-        maybe_applied = False  # whether any attempt may have been applied: then the changes are in doubt
 
-        def attempt() -> Any:
-            nonlocal maybe_applied
+        def attempt(seen: Attempts) -> Any:
             try:
                 # Signed afresh on every attempt: a retry after a long wait must not carry a stale timestamp.
                 response = self._http.post(endpoint, content=body, headers=self._headers(bid, body))
             except httpx.TimeoutException as exc:
                 reason = f"timed out ({type(exc).__name__})"
                 if isinstance(exc, httpx.ConnectTimeout):  # never reached the application
-                    raise _TryAgain(reason) from exc
-                maybe_applied = True
+                    raise TryAgain(reason) from exc
+                seen.maybe_applied = True
                 if size > 1:
                     raise BatchTooLarge(f"{endpoint}: batch {bid} of {size} changes {reason}", reason, True) from exc
-                raise _TryAgain(reason) from exc
+                raise TryAgain(reason) from exc
             except httpx.TransportError as exc:
-                maybe_applied = maybe_applied or not isinstance(exc, httpx.ConnectError)
-                raise _TryAgain(f"connection failed: {exc or type(exc).__name__}") from exc
+                seen.maybe_applied = seen.maybe_applied or not isinstance(exc, httpx.ConnectError)
+                raise TryAgain(f"connection failed: {exc or type(exc).__name__}") from exc
             status = response.status_code
             if 200 <= status < 300:
                 try:
                     return response.json()
                 except ValueError:
                     # Applied or not, a resend is safe (idempotency), and this may be a garbled answer.
-                    maybe_applied = True
-                    raise _TryAgain(f"HTTP {status} with a body that is not JSON") from None
+                    seen.maybe_applied = True
+                    raise TryAgain(f"HTTP {status} with a body that is not JSON") from None
             detail = f"HTTP {status}: {_snippet(response)}"
             if status == 413 or (status == 408 and size > 1):
                 raise BatchTooLarge(f"{endpoint} refused batch {bid} of {size} changes: {detail}", detail)
             if status in (408, 429) or status >= 500:
-                maybe_applied = maybe_applied or status >= 500  # a 5xx may come after the application committed
-                raise _TryAgain(detail, parse_retry_after(response.headers.get("retry-after")))
+                # a 5xx may come after the application committed
+                seen.maybe_applied = seen.maybe_applied or status >= 500
+                raise TryAgain(detail, parse_retry_after(response.headers.get("retry-after")))
             raise DeliveryRejected(status, f"{endpoint} refused batch {bid}: {detail}", detail)
 
-        def too_long(exc: BaseException) -> bool:
-            wait = getattr(exc, "retry_after", None)
-            return wait is not None and wait > self.max_retry_after
-
-        try:
-            return self.retry.call(attempt, retry_if=lambda exc: isinstance(exc, _TryAgain) and not too_long(exc),
-                                   delay_hint=lambda exc: exc.retry_after, sleep=self._sleep, rng=self._rng)
-        except _TryAgain as exc:
-            if too_long(exc):
-                raise DeliveryUnavailable(
-                    f"{endpoint}: batch {bid} not delivered: {exc}; the application asked to wait "
-                    f"{exc.retry_after:.0f}s", exc.retry_after, maybe_applied) from None
-            raise DeliveryUnavailable(
-                f"{endpoint}: batch {bid} not delivered after {self.max_attempts} attempts: {exc}",
-                None, maybe_applied) from None
+        return self.retried(f"{endpoint}: batch {bid}", attempt)
 
     def _headers(self, bid: str, body: bytes) -> dict[str, str]:
         now = datetime.now(tz=timezone.utc)

@@ -23,20 +23,20 @@ over a kept-alive connection keeps every answer tied to its change.
 from __future__ import annotations
 
 import json
-import random
-import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 from scim2_models import Error, ServiceProviderConfig
 
 from scim_pipeline.config import ORG_PLACEHOLDER, Scim2Settings
-from scim_pipeline.lib.retry import RetryPolicy
 from scim_pipeline.provisioning.changes_protocol import (
+    Attempts,
     ChangeResult,
     DeliveryRejected,
     DeliveryUnavailable,
+    RetryingClient,
+    TryAgain,
     parse_retry_after,
 )
 
@@ -77,12 +77,6 @@ class ScimError(Exception):
     def __init__(self, status: int, scim_type: str | None, detail: str):
         super().__init__(f"HTTP {status}" + (f" {scim_type}" if scim_type else "") + (f": {detail}" if detail else ""))
         self.status, self.scim_type, self.detail = status, scim_type, detail
-
-
-class _TryAgain(Exception):
-    def __init__(self, reason: str, retry_after: float | None = None):
-        super().__init__(reason)
-        self.retry_after = retry_after
 
 
 @dataclass
@@ -140,42 +134,16 @@ def _quote(value: str) -> str:
     return json.dumps(value)  # a SCIM filter's string literal is a JSON string
 
 
-class Scim2Client:
-    """Applies change batches to a SCIM 2.0 service provider, a tenant per organization. Reuses one HTTP connection
-    pool; close it (or use ``with``)."""
+class Scim2Client(RetryingClient):
+    """Applies change batches to a SCIM 2.0 service provider, a tenant per organization."""
 
-    def __init__(
-        self,
-        settings: Scim2Settings,
-        timeout: float = 10.0,
-        max_attempts: int = 5,
-        backoff_base: float = 0.5,
-        backoff_max: float = 30.0,
-        sleep: Callable[[float], None] = time.sleep,
-        rng: random.Random | None = None,
-        max_retry_after: float = 10.0,
-    ):
-        if max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
+    def __init__(self, settings: Scim2Settings, **options: Any):
+        """``options``: those of ``RetryingClient``."""
+        super().__init__(**options)
         self.settings = settings
-        self.max_attempts = max_attempts
-        self.max_retry_after = max_retry_after
-        self.retry = RetryPolicy(attempts=max_attempts, base_s=backoff_base, max_delay_s=backoff_max)
-        self._sleep = sleep
-        self._rng = rng or random.Random()
-        self._http = httpx.Client(timeout=timeout, trust_env=False)
         self._capabilities: dict[str, Capabilities] = {}
         self._state: dict[str, _OrgState] = {}
         self.requests = 0  # sent, for the benchmark
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> "Scim2Client":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"Scim2Client(url={self.settings.url!r})"
@@ -469,19 +437,17 @@ class Scim2Client:
         if if_match:
             headers["if-match"] = if_match
         content = json.dumps(body, separators=(",", ":")).encode() if body is not None else None
-        maybe_applied = False
 
-        def attempt() -> Any:
-            nonlocal maybe_applied
+        def attempt(seen: Attempts) -> Any:
             self.requests += 1
             try:
                 response = self._http.request(method, url, content=content, params=params, headers=headers)
             except httpx.TimeoutException as exc:
-                maybe_applied = maybe_applied or not isinstance(exc, httpx.ConnectTimeout)
-                raise _TryAgain(f"timed out ({type(exc).__name__})") from exc
+                seen.maybe_applied = seen.maybe_applied or not isinstance(exc, httpx.ConnectTimeout)
+                raise TryAgain(f"timed out ({type(exc).__name__})") from exc
             except httpx.TransportError as exc:
-                maybe_applied = maybe_applied or not isinstance(exc, httpx.ConnectError)
-                raise _TryAgain(f"connection failed: {exc or type(exc).__name__}") from exc
+                seen.maybe_applied = seen.maybe_applied or not isinstance(exc, httpx.ConnectError)
+                raise TryAgain(f"connection failed: {exc or type(exc).__name__}") from exc
             status = response.status_code
             if 200 <= status < 300:
                 if status == 204 or not response.content:
@@ -489,30 +455,18 @@ class Scim2Client:
                 try:
                     answer = response.json()
                 except ValueError:
-                    maybe_applied = True
-                    raise _TryAgain(f"HTTP {status} with a body that is not JSON") from None
+                    seen.maybe_applied = True
+                    raise TryAgain(f"HTTP {status} with a body that is not JSON") from None
                 return (answer, response.headers.get("etag")) if with_etag else answer
             error = _scim_error(response)
             if status in (408, 429) or status >= 500:
-                maybe_applied = maybe_applied or status >= 500
-                raise _TryAgain(str(error), parse_retry_after(response.headers.get("retry-after")))
+                seen.maybe_applied = seen.maybe_applied or status >= 500
+                raise TryAgain(str(error), parse_retry_after(response.headers.get("retry-after")))
             if status in (401, 403):
                 raise DeliveryRejected(status, f"{method} {url} refused: {error}", str(error))
             raise error
 
-        def too_long(exc: BaseException) -> bool:
-            wait = getattr(exc, "retry_after", None)
-            return wait is not None and wait > self.max_retry_after
-
-        try:
-            return self.retry.call(attempt, retry_if=lambda exc: isinstance(exc, _TryAgain) and not too_long(exc),
-                                   delay_hint=lambda exc: exc.retry_after, sleep=self._sleep, rng=self._rng)
-        except _TryAgain as exc:
-            if too_long(exc):
-                raise DeliveryUnavailable(f"{method} {url}: {exc}; the application asked to wait "
-                                          f"{exc.retry_after:.0f}s", exc.retry_after, maybe_applied) from None
-            raise DeliveryUnavailable(f"{method} {url} not done after {self.max_attempts} attempts: {exc}",
-                                      None, maybe_applied) from None
+        return self.retried(f"{method} {url}", attempt)
 
 
 def _scim_error(response: httpx.Response) -> ScimError:

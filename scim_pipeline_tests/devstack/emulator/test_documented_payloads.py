@@ -56,7 +56,7 @@ def same_shape(emitted: dict, documented: dict, where: str) -> None:
             for item in value:
                 same_shape(item, doc_value[0], f"{where}.{key}[]")
         else:
-            assert kind(value) == kind(doc_value), f"{where}.{key}: {kind(value)} where Scalekit sends {kind(doc_value)}"
+            assert kind(value) == kind(doc_value), f"{where}.{key}: {kind(value)}, Scalekit sends {kind(doc_value)}"
 
 
 payload_emulator = emulator_fixture(scope="module", seed=3, orgs=1, users_per_org=10, groups_per_org=3)
