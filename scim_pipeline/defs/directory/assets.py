@@ -10,7 +10,6 @@ instead of re-reading the directory: both modes end in the same derived assets.
 step: a full sync lists Scalekit for minutes, and the webhook path's runs write in between its organizations.
 """
 
-import os
 
 import dagster as dg
 
@@ -125,8 +124,6 @@ def directory_snapshot(
         if to_sync:
             context.log.info(f"{len(to_sync)} organization(s) have users of an unknown directory: syncing in full")
             metadata["organizations_resynced"] = len(to_sync)
-    elif context.run.tags.get("scim_pipeline/trigger") == "reconciliation":
-        _yield_cpu(context)
     if to_sync:
         try:
             report = sync_organizations(scalekit.api(), warehouse, to_sync, settings().home / "spool",
@@ -165,19 +162,6 @@ def directory_snapshot(
     yield dg.MaterializeResult(asset_key="directory_groups", metadata={
         "dagster/row_count": groups, "preview": group_preview,
     })
-
-
-RECONCILIATION_NICE = 10
-
-
-def _yield_cpu(context) -> None:
-    """A reconciliation run (its own process) lowers its CPU priority: on a shared machine the webhook path's runs
-    go first, and the reconciliation still has every cycle they leave (a lower priority is a smaller share, never
-    none)."""
-    try:
-        os.nice(RECONCILIATION_NICE)
-    except OSError as exc:
-        context.log.warning(f"could not lower the reconciliation's CPU priority: {exc}")
 
 
 def apply_inbox_events(context, warehouse: Warehouse, orgs: list[str], up_to_seq: int) -> dict:
