@@ -92,11 +92,10 @@ def main() -> int:
     print(f"chaos: {args.orgs} organizations x {args.users_per_org} users, {args.changes_per_minute} changes a "
           f"minute for {args.minutes:g} min, a kill every {args.kill_every:g}s (home {home})", flush=True)
     with Stack(home) as stack:
-        receiver_port = free_port()
         stack.start_emulator("--seed", str(args.seed), "--orgs", str(args.orgs), "--users-per-org",
-                             str(args.users_per_org), "--groups-per-org", "6", "--retry-time-scale", "60",
-                             webhook_port=receiver_port)
-        stack.start_receiver(receiver_port)
+                             str(args.users_per_org), "--groups-per-org", "6", "--retry-time-scale", "60")
+        stack.start_receiver()
+        receiver_port = stack.receiver.port  # a receiver restarted after a kill comes back on it
         faulty_app = ("--fail-rate", "0.2", "--rate-limit-rate", "0.1")
         app_port = free_port()
         stack.start_app(*faulty_app, port=app_port)

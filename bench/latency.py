@@ -59,10 +59,9 @@ def main() -> int:
     from scim_pipeline.defs.instance import dagster_instance
 
     with Stack(home) as stack:
-        port = free_port()
         stack.start_emulator("--seed", "7", "--orgs", str(orgs), "--users-per-org", str(users_per_org),
-                             "--retry-time-scale", "60", webhook_port=port)
-        stack.start_receiver(port)
+                             "--retry-time-scale", "60")
+        stack.start_receiver()
         stack.start_app()
         run_sync(say=lambda _: None)
         stack.start_dagster_dev(free_port())

@@ -116,16 +116,14 @@ def main() -> int:
     from scim_pipeline.defs.instance import dagster_instance
     from scim_pipeline.defs.provisioning.delivery import delivery_sensor
     from scim_pipeline.defs.resources import ScalekitResource
-    from scim_pipeline.devstack.services import free_port
     from scim_pipeline.devstack.stack import Stack
 
     print(f"{args.orgs} organizations x {args.users} users, {args.groups} groups each; "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start", flush=True)
     with Stack(home) as stack:
-        port = free_port()
         stack.start_emulator("--seed", "7", "--orgs", str(args.orgs), "--users-per-org", str(args.users),
-                             "--groups-per-org", str(args.groups), webhook_port=port)
-        stack.start_receiver(port)
+                             "--groups-per-org", str(args.groups))
+        stack.start_receiver()
         stack.start_app()
         instance = dagster_instance()
         truth = stack.truth()

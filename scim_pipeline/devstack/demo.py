@@ -18,7 +18,6 @@ from pathlib import Path
 
 from scim_pipeline import config
 from scim_pipeline.devstack.convergence import differences
-from scim_pipeline.devstack.services import free_port
 from scim_pipeline.devstack.stack import Stack
 from scim_pipeline.provisioning.role_mapping import load_role_mapping
 
@@ -154,11 +153,10 @@ def run_demo(app: str = "demo") -> bool:
     say(f"scim-pipeline demo (data in {home})")
     started = time.monotonic()
     with Stack(home) as stack:
-        receiver_port = free_port()
         say("Starting the Scalekit emulator, the webhook receiver and "
             + ("a SCIM 2.0 application (scim2-server) ..." if app == "scim2" else "the demo application ..."))
-        stack.start_emulator(*DEMO_EMULATOR, webhook_port=receiver_port)
-        stack.start_receiver(receiver_port)
+        stack.start_emulator(*DEMO_EMULATOR)
+        stack.start_receiver()
         stack.start_scim2_app() if app == "scim2" else stack.start_app()
         say(f"  emulator {stack.emulator_env['SCALEKIT_ENVIRONMENT_URL']}, receiver {stack.receiver.url}, "
             f"application {stack.app.url}")
@@ -250,12 +248,10 @@ def dev_from_cli(args) -> int:
     real_scalekit = bool(os.environ.get("SCALEKIT_ENVIRONMENT_URL"))
     real_app = bool(os.environ.get("SCIM_PIPELINE_APP_URL"))
     with Stack(home) as stack:
-        receiver_port = free_port()
         if not real_scalekit:
-            stack.start_emulator("--seed", "7", "--churn", "30", "--retry-time-scale", "60",
-                                 webhook_port=receiver_port)
+            stack.start_emulator("--seed", "7", "--churn", "30", "--retry-time-scale", "60")
             say(f"Scalekit emulator: {stack.emulator_env['SCALEKIT_ENVIRONMENT_URL']} (30 directory changes a minute)")
-        stack.start_receiver(8090 if real_scalekit else receiver_port)
+        stack.start_receiver(8090 if real_scalekit else None)
         say(f"Webhook receiver:  {stack.receiver.url}/webhooks/scalekit")
         if not real_app and getattr(args, "app", "demo") == "scim2":
             stack.start_scim2_app()

@@ -35,24 +35,30 @@ class Stack:
 
     # --- services ---------------------------------------------------------------------------------------------------
 
-    def start_emulator(self, *args: str, webhook_port: int | None = None) -> services.Service:
+    def start_emulator(self, *args: str) -> services.Service:
+        """The emulator; a receiver started after it gets its webhooks (``start_receiver``)."""
         env_file = self.home / config.EMULATOR_ENV_FILE
         env_file.unlink(missing_ok=True)  # readiness is this file naming the new port
-        extra = ["--webhook-url", f"http://127.0.0.1:{webhook_port}/webhooks/scalekit"] if webhook_port else []
 
         def ready(service: services.Service) -> bool:
             values = config.read_dotenv(env_file)
             return values.get("SCALEKIT_ENVIRONMENT_URL", "").endswith(f":{service.port}")
 
-        self.emulator = self._track(services.start("emulator", [*args, *extra], self.home, ready=ready))
+        self.emulator = self._track(services.start("emulator", list(args), self.home, ready=ready))
         self.emulator_env = config.read_dotenv(env_file)
         # Children (receiver, Dagster) and this process talk to the emulator with its settings and its CA.
         os.environ.update(self.emulator_env)
         return self.emulator
 
     def start_receiver(self, port: int | None = None) -> services.Service:
+        """The receiver (it verifies with the emulator's secret, so it starts after the emulator), and the emulator's
+        webhooks pointed at it. Its port is picked only now: one picked before the emulator started could be taken
+        by the emulator's own listeners meanwhile."""
         self.receiver = self._track(services.start(
             "webhooks", [], self.home, port=port, ready=lambda s: _http_ok(f"{s.url}/healthz")))
+        if self.emulator is not None:
+            self._emulator_http().post("/_emulator/webhook",
+                                       json={"url": f"{self.receiver.url}/webhooks/scalekit"}).raise_for_status()
         return self.receiver
 
     def start_app(self, *args: str, port: int | None = None) -> services.Service:

@@ -13,7 +13,6 @@ from dagster._core.scheduler.instigation import InstigatorType
 
 from scim_pipeline.commands import run_sync
 from scim_pipeline.config import settings
-from scim_pipeline.devstack.services import free_port
 from scim_pipeline_tests.pipeline import test_webhooks_e2e
 
 stack = test_webhooks_e2e.stack  # the fixture: a Stack in the test's home, stopped after it
@@ -53,10 +52,9 @@ def _stop_daemon(stack) -> None:
 def test_runs_inbox_and_sensor_cursors_live_in_postgres_and_survive_a_restart_of_everything(
         stack, home, postgres_server, postgres_url, monkeypatch):
     monkeypatch.setenv("SCIM_PIPELINE_POSTGRES_URL", postgres_url)
-    port = free_port()
     stack.start_emulator("--seed", "5", "--orgs", "2", "--users-per-org", "15", "--groups-per-org", "3",
-                         "--retry-time-scale", "60", webhook_port=port)
-    stack.start_receiver(port)
+                         "--retry-time-scale", "60")
+    stack.start_receiver()
     stack.start_app()
     run_sync(say=lambda _: None)
     instance = dg.DagsterInstance.get()
@@ -77,7 +75,7 @@ def test_runs_inbox_and_sensor_cursors_live_in_postgres_and_survive_a_restart_of
     _stop_daemon(stack)
     stack.receiver.stop()
     postgres_server.restart()
-    stack.start_receiver(port)
+    stack.start_receiver()
     stack.start_daemon()
 
     after_restart = dg.DagsterInstance.get()

@@ -11,7 +11,6 @@ from scim_pipeline.commands import query, run_sync
 from scim_pipeline.config import settings
 from scim_pipeline.defs import run_process
 from scim_pipeline.devstack.convergence import differences
-from scim_pipeline.devstack.services import free_port
 from scim_pipeline.devstack.stack import Stack
 from scim_pipeline.provisioning.role_mapping import load_role_mapping
 from scim_pipeline_tests.emulator_support import _seed_tls
@@ -42,10 +41,9 @@ def wait_for(predicate, timeout: float, interval: float = 0.2):
 
 
 def test_a_leaver_reaches_the_application_through_the_daemon(stack):
-    port = free_port()
     stack.start_emulator("--seed", "4", "--orgs", "2", "--users-per-org", "20", "--groups-per-org", "4",
-                         "--retry-time-scale", "60", webhook_port=port)
-    stack.start_receiver(port)
+                         "--retry-time-scale", "60")
+    stack.start_receiver()
     stack.start_app()
     run_sync(say=lambda _: None)
     stack.start_daemon()
@@ -81,9 +79,8 @@ def test_a_new_organization_is_onboarded_under_the_daemon(stack):
     from scalekit.v1.directories.directories_pb2 import CreateDirectory, DirectoryProvider, DirectoryType
     from scalekit.v1.organizations.organizations_pb2 import CreateOrganization
 
-    port = free_port()
-    stack.start_emulator("--seed", "4", "--orgs", "0", "--retry-time-scale", "60", webhook_port=port)
-    stack.start_receiver(port)
+    stack.start_emulator("--seed", "4", "--orgs", "0", "--retry-time-scale", "60")
+    stack.start_receiver()
     stack.start_app()
     stack.start_daemon()  # no sync beforehand: the pipeline knows of no organization yet
 
