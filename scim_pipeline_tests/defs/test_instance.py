@@ -1,5 +1,6 @@
 """The instance template that a new installation's DAGSTER_HOME is seeded with, loaded by Dagster itself."""
 
+import os
 from pathlib import Path
 
 import dagster as dg
@@ -43,6 +44,32 @@ def test_with_a_postgres_url_the_seeded_instance_keeps_runs_in_that_database(hom
     with psycopg2.connect(postgres_url) as conn, conn.cursor() as cur:
         cur.execute("SELECT status FROM runs WHERE run_id = %s", (run_id,))
         assert cur.fetchall() == [("SUCCESS",)]
+
+
+def test_on_postgres_a_run_of_many_partitions_writes_its_materializations_in_batches(home, monkeypatch,
+                                                                                    postgres_url):
+    from scim_pipeline.defs.instance import EVENT_BATCH_VAR
+
+    monkeypatch.setenv(EVENT_BATCH_VAR, "unset below, restored after")
+    monkeypatch.delenv(EVENT_BATCH_VAR)
+    monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
+    monkeypatch.setenv("SCIM_PIPELINE_POSTGRES_URL", postgres_url)
+    ensure_dagster_home()
+    assert int(os.environ[EVENT_BATCH_VAR]) > 1
+    orgs = dg.StaticPartitionsDefinition([f"org_{i}" for i in range(300)])
+
+    @dg.multi_asset(specs=[dg.AssetSpec("users"), dg.AssetSpec("groups")], partitions_def=orgs,
+                    backfill_policy=dg.BackfillPolicy.single_run())
+    def snapshot(context):
+        yield dg.MaterializeResult(asset_key="users")
+        yield dg.MaterializeResult(asset_key="groups")
+
+    with dg.DagsterInstance.get() as instance:
+        assert dg.materialize([snapshot], instance=instance, tags={
+            "dagster/asset_partition_range_start": "org_0", "dagster/asset_partition_range_end": "org_299"}).success
+        # every partition's materialization is recorded, batched or not
+        for key in ("users", "groups"):
+            assert instance.get_materialized_partitions(dg.AssetKey(key)) == set(orgs.get_partition_keys())
 
 
 def test_a_seeded_dagster_yaml_follows_the_setting_and_an_operators_own_is_kept(home, monkeypatch):
