@@ -1,9 +1,23 @@
+import subprocess
+import sys
 import time
 
 import duckdb
 import pytest
 
 from scim_pipeline.warehouse.connection import Warehouse, WarehouseBusy
+
+
+def hold_lock(path, seconds: float) -> subprocess.Popen:
+    """Another process holding the warehouse file's lock for ``seconds``; returns once it holds it."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         f"import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('held', flush=True); time.sleep({seconds})",
+         str(path)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    return holder
 
 
 def test_write_commits_and_rolls_back(tmp_path):
@@ -30,33 +44,18 @@ def test_lock_is_released_after_an_error_and_readers_are_read_only(tmp_path):
 
 
 def test_writer_waits_for_a_lock_held_by_another_process(tmp_path):
-    import subprocess
-    import sys
-
     path = tmp_path / "w.duckdb"
     with Warehouse(path).write():
         pass
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('held', flush=True); time.sleep(1.5)",
-         str(path)],
-        stdout=subprocess.PIPE, text=True,
-    )
-    assert holder.stdout.readline().strip() == "held"
+    holder = hold_lock(path, 1.5)
     started = time.monotonic()
     with Warehouse(path, lock_timeout_s=30).write() as con:
         con.execute("INSERT INTO organizations VALUES ('org_1', 'One', 'ext', now())")
     assert time.monotonic() - started > 0.5  # it really waited for the other process
     holder.wait()
     with pytest.raises(WarehouseBusy):
-        holder = subprocess.Popen(
-            [sys.executable, "-c",
-             "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('held', flush=True); time.sleep(3)",
-             str(path)],
-            stdout=subprocess.PIPE, text=True,
-        )
+        holder = hold_lock(path, 3)
         try:
-            assert holder.stdout.readline().strip() == "held"
             with Warehouse(path, lock_timeout_s=0.5).write():
                 pass
         finally:
@@ -73,20 +72,11 @@ def test_a_deleted_warehouse_file_gets_its_schema_again(tmp_path):
 
 
 def test_a_waiting_writer_sleeps_says_which_process_holds_the_lock_and_gives_up(tmp_path):
-    import subprocess
-    import sys
-
     path = tmp_path / "w.duckdb"
     with Warehouse(path).write():
         pass
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('held', flush=True); time.sleep(30)",
-         str(path)],
-        stdout=subprocess.PIPE, text=True,
-    )
+    holder = hold_lock(path, 30)
     try:
-        assert holder.stdout.readline().strip() == "held"
         said = []
         cpu, started = time.process_time(), time.monotonic()
         with pytest.raises(WarehouseBusy) as caught:
