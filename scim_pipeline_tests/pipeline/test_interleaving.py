@@ -2,7 +2,6 @@
 incremental runs write in between (interleaving), and the pool serves writers in the order they asked, so a burst of
 webhook runs never keeps the sync from finishing (fairness)."""
 
-import signal
 import subprocess
 import sys
 import time
@@ -30,12 +29,7 @@ def slow_full_sync(world):
 
 def finish(sync, out: Lines, timeout: float) -> str:
     """The whole output of the sync, once it has ended (made to print its threads and failed if it does not)."""
-    try:
-        sync.wait(timeout)
-    except subprocess.TimeoutExpired:
-        sync.send_signal(signal.SIGABRT)
-        sync.wait(30)
-        pytest.fail(f"the sync still ran after {timeout:.0f}s:\n{out.text()[-6000:]}")
+    out.wait_exit(timeout, f"the sync still ran after {timeout:.0f}s")
     out.wait_for("took ", 30)  # its summary: the last line
     return out.text()
 

@@ -156,6 +156,16 @@ class Lines:
     def text(self) -> str:
         return "".join(line for line in self.lines if line)
 
+    def wait_exit(self, timeout: float, failure: str) -> None:
+        """Wait for the process to end; one that does not is made to print its threads (SIGABRT, with
+        PYTHONFAULTHANDLER set) and fails the test with ``failure`` and its output."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)
+            self.proc.wait(30)
+            pytest.fail(f"{failure}:\n{self.text()[-6000:]}")
+
 
 def cpu_seconds(pid: int) -> float:
     """User and system CPU time of a live process so far."""
@@ -245,12 +255,7 @@ def test_sigterm_stops_a_sync_waiting_for_the_warehouse_at_once_and_frees_its_cl
         out = Lines(waiting)
         out.wait_for("Waiting for the warehouse", 60)
         waiting.send_signal(signal.SIGTERM)
-        try:
-            waiting.wait(STOP_S)
-        except subprocess.TimeoutExpired:
-            waiting.send_signal(signal.SIGABRT)
-            waiting.wait(30)
-            pytest.fail(f"SIGTERM did not stop the sync within {STOP_S}s:\n{out.text()[-6000:]}")
+        out.wait_exit(STOP_S, f"SIGTERM did not stop the sync within {STOP_S}s")
         assert waiting.returncode == -signal.SIGTERM, out.text()[-3000:]
         last = out.text().strip().splitlines()[-1]
         assert last.startswith("scim-pipeline sync: stopped by SIGTERM"), last
@@ -278,12 +283,7 @@ def test_sigterm_stops_a_running_sync_promptly_leaving_nothing_half_written_or_h
     out.wait_for("[1/4]", 120)
     proc.send_signal(signal.SIGTERM)
     started = time.monotonic()
-    try:
-        proc.wait(STOP_S)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGABRT)
-        proc.wait(30)
-        pytest.fail(f"SIGTERM did not stop the sync within {STOP_S}s:\n{out.text()[-6000:]}")
+    out.wait_exit(STOP_S, f"SIGTERM did not stop the sync within {STOP_S}s")
     print(f"stopped {time.monotonic() - started:.1f}s after SIGTERM")
     assert proc.returncode == -signal.SIGTERM, out.text()[-3000:]
     last = out.text().strip().splitlines()[-1]

@@ -20,11 +20,16 @@ from scim_pipeline.receiver.inbox import Inbox
 from scim_pipeline_tests.receiver.helpers import signed
 
 
-@pytest.fixture
-def receiver(world):
+def start_receiver(world):
     """The real receiver, in the world's home, with the emulator's webhooks pointed at it."""
     receiver = services.start("webhooks", [], world.home, ready=lambda s: services.port_open("127.0.0.1", s.port))
     world.emulator.set_webhook_url(f"{receiver.url}/webhooks/scalekit")
+    return receiver
+
+
+@pytest.fixture
+def receiver(world):
+    receiver = start_receiver(world)
     yield receiver
     receiver.stop()
 
