@@ -6,10 +6,14 @@ import hmac
 import itertools
 import json
 import os
+import threading
 import time
 from datetime import datetime, timezone
 
+import httpx
 from standardwebhooks import Webhook
+
+from scim_pipeline.receiver.app import WEBHOOK_PATH
 
 _ids = itertools.count(1)
 
@@ -46,3 +50,23 @@ def signed_bytes(secret: str, body: bytes, webhook_id: str = "msg_bytes",
     mac = hmac.new(key, b"%s.%s.%s" % (webhook_id.encode(), ts.encode(), body), hashlib.sha256).digest()
     signature = "v1," + base64.b64encode(mac).decode()
     return {"webhook-id": webhook_id, "webhook-timestamp": ts, "webhook-signature": signature}
+
+
+def stream_events(url: str, secret: str, ids: list[str], acked: dict, lock: threading.Lock,
+                  stop: threading.Event, refused: list | None = None) -> None:
+    """Post a signed event under each webhook id of ``ids`` until ``stop``; record each acknowledged one's seq in
+    ``acked`` and, if given, each refused one in ``refused``. Ends quietly when the receiver goes away (killed)."""
+    with httpx.Client(base_url=url, timeout=5) as http:
+        for webhook_id in ids:
+            if stop.is_set():
+                return
+            body = event_body()
+            try:
+                r = http.post(WEBHOOK_PATH, content=body, headers=signed(secret, body, webhook_id))
+            except httpx.HTTPError:
+                return  # the receiver is gone: whatever was not answered need not have survived
+            if r.status_code // 100 == 2:
+                with lock:
+                    acked[webhook_id] = r.json()["seq"]
+            elif refused is not None:
+                refused.append((webhook_id, r.status_code))

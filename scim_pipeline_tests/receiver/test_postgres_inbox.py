@@ -15,7 +15,7 @@ import pytest
 from scim_pipeline.devstack import services
 from scim_pipeline.receiver.app import WEBHOOK_PATH
 from scim_pipeline.receiver.inbox import Inbox
-from scim_pipeline_tests.receiver.helpers import event_body, signed
+from scim_pipeline_tests.receiver.helpers import event_body, signed, stream_events
 
 
 def start_receiver(home, secret: str, url: str) -> services.Service:
@@ -34,24 +34,6 @@ def _sql(url: str, statement: str, params: tuple = ()) -> list[tuple]:
         conn.close()
 
 
-def _sender(url: str, secret: str, ids: list[str], acked: dict, lock: threading.Lock, stop: threading.Event,
-            refused: list | None = None):
-    with httpx.Client(base_url=url, timeout=5) as http:
-        for webhook_id in ids:
-            if stop.is_set():
-                return
-            body = event_body()
-            try:
-                r = http.post(WEBHOOK_PATH, content=body, headers=signed(secret, body, webhook_id))
-            except httpx.HTTPError:
-                return  # the receiver is gone: whatever was not answered need not have survived
-            if r.status_code // 100 == 2:
-                with lock:
-                    acked[webhook_id] = r.json()["seq"]
-            elif refused is not None:
-                refused.append((webhook_id, r.status_code))
-
-
 def test_two_receivers_one_database_kill_9_loses_no_acknowledged_event(tmp_path, secret, postgres_url):
     """Two receivers with their own homes stream into one database while this process follows the inbox with a
     cursor; one is killed with SIGKILL mid-stream. Every event answered 2xx by either is stored with the seq it was
@@ -68,11 +50,11 @@ def test_two_receivers_one_database_kill_9_loses_no_acknowledged_event(tmp_path,
         for r, svc in enumerate((a, b)):
             for t in range(3):
                 ids = [f"own{r}_{t}_{i}" for i in range(4000)]
-                threads.append(threading.Thread(target=_sender,
+                threads.append(threading.Thread(target=stream_events,
                                                 args=(svc.url, secret, ids, acked[r], lock, stop, refused)))
             # Scalekit may deliver one event to either receiver (a retry behind the load balancer): same ids to both.
             shared = [f"shared_{i}" for i in range(4000)]
-            threads.append(threading.Thread(target=_sender,
+            threads.append(threading.Thread(target=stream_events,
                                             args=(svc.url, secret, shared, acked[r], lock, stop, refused)))
         for t in threads:
             t.start()

@@ -13,7 +13,7 @@ import pytest
 from scim_pipeline.devstack import services
 from scim_pipeline.receiver.app import WEBHOOK_PATH
 from scim_pipeline.receiver.inbox import Inbox
-from scim_pipeline_tests.receiver.helpers import event_body, new_secret, signed
+from scim_pipeline_tests.receiver.helpers import event_body, new_secret, signed, stream_events
 
 
 def start_receiver(home, secrets: str) -> services.Service:
@@ -73,22 +73,6 @@ def test_removed_secret_is_rejected_after_restart(home):
         assert http.post(WEBHOOK_PATH, content=body, headers=signed(new, body)).status_code == 200
 
 
-def _sender(url: str, secret: str, acked: dict, lock: threading.Lock, stop: threading.Event, n: int, tag: str):
-    with httpx.Client(base_url=url, timeout=5) as http:
-        for i in range(n):
-            if stop.is_set():
-                return
-            body = event_body()
-            webhook_id = f"{tag}_{i}"
-            try:
-                r = http.post(WEBHOOK_PATH, content=body, headers=signed(secret, body, webhook_id))
-            except httpx.HTTPError:
-                return  # the receiver is gone: whatever was not answered need not have survived
-            if r.status_code // 100 == 2:
-                with lock:
-                    acked[webhook_id] = r.json()["seq"]
-
-
 def test_every_acknowledged_event_survives_kill_9(home, secret):
     """Threads stream events while this process follows the inbox from its own connection; kill -9 mid-stream; every
     event answered 2xx is in the inbox, with the seq it was answered with, and the receiver restarts on that file."""
@@ -97,7 +81,8 @@ def test_every_acknowledged_event_survives_kill_9(home, secret):
     lock, stop = threading.Lock(), threading.Event()
     svc = start_receiver(home, secret)
     try:
-        threads = [threading.Thread(target=_sender, args=(svc.url, secret, acked, lock, stop, 5000, f"t{t}"))
+        threads = [threading.Thread(target=stream_events, args=(
+                       svc.url, secret, [f"t{t}_{i}" for i in range(5000)], acked, lock, stop))
                    for t in range(6)]
         for t in threads:
             t.start()
