@@ -116,11 +116,8 @@ def directory_snapshot(
     to_sync = orgs
     if config.mode == "events":
         with turns.turn():
-            metadata.update(apply_inbox_events(context, warehouse, orgs, config.up_to_seq))
-            # Scalekit's user events do not name the user's directory: where the warehouse cannot tell it either,
-            # the organization is read again in full, in this run.
-            with warehouse.read() as con:
-                to_sync = unplaced_organizations(con, orgs)
+            applied, to_sync = apply_inbox_events(context, warehouse, orgs, config.up_to_seq)
+        metadata.update(applied)
         if to_sync:
             context.log.info(f"{len(to_sync)} organization(s) have users of an unknown directory: syncing in full")
             metadata["organizations_resynced"] = len(to_sync)
@@ -164,9 +161,11 @@ def directory_snapshot(
     })
 
 
-def apply_inbox_events(context, warehouse: Warehouse, orgs: list[str], up_to_seq: int) -> dict:
+def apply_inbox_events(context, warehouse: Warehouse, orgs: list[str], up_to_seq: int) -> tuple[dict, list[str]]:
     """Apply every inbox event of these organizations up to ``up_to_seq`` (0: all) that the warehouse has not
-    applied yet, in one transaction, and move their applied marks to it.
+    applied yet, in one transaction, and move their applied marks to it. Returns the outcomes (as metadata) and the
+    organizations to read again in full: Scalekit's user events do not name the user's directory, and where the
+    warehouse cannot tell it either, a full sync of the organization places the user.
 
     The warehouse's own mark says where to start, not the sensor: a run that failed moved nothing, so the next one
     applies its events too, and an event applied twice is recorded once and changes nothing."""
@@ -183,9 +182,10 @@ def apply_inbox_events(context, warehouse: Warehouse, orgs: list[str], up_to_seq
         outcomes = apply_events(con, events, utcnow())
         marks = {org: max(start[org], end) for org in orgs}
         record_applied(con, marks, utcnow())
+        unplaced = unplaced_organizations(con, orgs)
     publish_marks(context, inbox, marks)
     context.log.info(f"applied webhook events for {len(orgs)} organization(s) up to seq {end}: {outcomes}")
-    return {f"events_{k}": v for k, v in outcomes.items()} | {"events": len(events)}
+    return {f"events_{k}": v for k, v in outcomes.items()} | {"events": len(events)}, unplaced
 
 
 def publish_marks(context, inbox: Inbox, marks: dict[str, int]) -> None:
