@@ -14,12 +14,16 @@ Starts the emulator (with webhooks to the receiver) and the demo application in 
 - sensor ticks with every organization a partition: ``webhook_events_sensor`` with events just arrived for
   ``--event-orgs`` organizations, and ``delivery_sensor``.
 
-    .venv/bin/python bench/scale.py [--orgs 1000] [--users 20] [--groups 4] [--probes 10]
+``--postgres``: Dagster's storage (runs, event log) and the webhook inbox in a PostgreSQL server the benchmark
+starts, as ``SCIM_PIPELINE_POSTGRES_URL`` sets up an installation: the way to run this many organizations.
+
+    .venv/bin/python bench/scale.py [--orgs 1000] [--users 20] [--groups 4] [--probes 10] [--postgres]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import statistics
@@ -58,7 +62,7 @@ class Probe:
         self.dg, self.stack, self.users = dg, stack, users
         self.rng = random.Random(seed)
         self.instance = dagster_instance()
-        self.inbox = Inbox(settings().inbox_path)
+        self.inbox = Inbox(settings().inbox_location)
         self.cursor = str(self.inbox.last_seq())
 
     def tick(self):
@@ -102,7 +106,19 @@ def main() -> int:
     parser.add_argument("--groups", type=int, default=4, help="groups per organization")
     parser.add_argument("--probes", type=int, default=10, help="webhook probes, quiet and while syncing each")
     parser.add_argument("--event-orgs", type=int, default=300, help="organizations with new events at the tick")
+    parser.add_argument("--postgres", action="store_true", help="Dagster's storage and the inbox in PostgreSQL")
     args = parser.parse_args()
+    with contextlib.ExitStack() as stack:
+        if args.postgres:
+            from scim_pipeline.devstack.postgres import PostgresServer
+
+            os.environ["SCIM_PIPELINE_POSTGRES_URL"] = stack.enter_context(PostgresServer()).create_database("bench")
+        else:
+            os.environ.pop("SCIM_PIPELINE_POSTGRES_URL", None)
+        return run(args)
+
+
+def run(args) -> int:
 
     home = Path(tempfile.mkdtemp(prefix="scim-scale-"))
     for var in ("SCALEKIT_ENVIRONMENT_URL", "SCIM_PIPELINE_APP_URL", "DAGSTER_HOME"):
@@ -118,7 +134,8 @@ def main() -> int:
     from scim_pipeline.defs.resources import ScalekitResource
     from scim_pipeline.devstack.stack import Stack
 
-    print(f"{args.orgs} organizations x {args.users} users, {args.groups} groups each; "
+    print(f"{args.orgs} organizations x {args.users} users, {args.groups} groups each, Dagster's storage in "
+          f"{'PostgreSQL' if args.postgres else 'SQLite'}; "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start", flush=True)
     with Stack(home) as stack:
         stack.start_emulator("--seed", "7", "--orgs", str(args.orgs), "--users-per-org", str(args.users),

@@ -105,33 +105,37 @@ def _deliver_batch(warehouse, client, orgs, outbox, policy, now, progress, repor
         stamp = now()
         # Only changes pending, failed, dead or held are ever prepared or sent: an organization with none has
         # nothing to do (most of them, in a sync where little changed), and is passed over without a statement.
-        active = {row[0] for row in con.execute(
-            "SELECT DISTINCT organization_id FROM change_sets WHERE list_contains($orgs, organization_id) "
-            "AND status IN ('pending', 'failed', 'dead', 'held')", {"orgs": orgs}).fetchall()}
-        prepared_here = 0
+        active = dict(con.execute(
+            "SELECT organization_id, count(*) FROM change_sets WHERE list_contains($orgs, organization_id) "
+            "AND status IN ('pending', 'failed', 'dead', 'held') GROUP BY 1", {"orgs": orgs}).fetchall())
+        batch: list[str] = []
         for org in orgs:
-            if prepared_here and (prepared_here >= BATCH_ORGANIZATIONS
-                                  or sum(map(len, ready.values())) >= BATCH_CHANGES):
+            if batch and (len(batch) >= BATCH_ORGANIZATIONS or sum(active[o] for o in batch) >= BATCH_CHANGES):
                 break
             done.append(org)
-            if org not in active:
-                continue
-            prepared_here += 1
-            revived = revive_dead(con, org, stamp, died_before=stamp - cooldown, delivered_since=True).get(org, 0)
-            replaced = rederive_in_doubt(con, org, stamp)["replaced"]
-            apply_directory_holds(con, org)
-            changes = ready_changes(con, org, stamp, policy.max_attempts)
-            report.revived += revived
-            report.replaced += replaced
+            if org in active:
+                batch.append(org)
+        if batch:
+            # Each step is one statement for the whole batch: a small organization's delivery costs less than
+            # a statement.
+            revived = revive_dead(con, batch, stamp, died_before=stamp - cooldown, delivered_since=True)
+            rederived = rederive_in_doubt(con, batch, stamp)
+            apply_directory_holds(con, batch)
+            by_org: dict[str, list[dict]] = defaultdict(list)
+            for change in ready_changes(con, batch, stamp, policy.max_attempts):
+                by_org[change["organization_id"]].append(change)
+            report.revived += sum(revived.values())
+            report.replaced += rederived["replaced"]
             if first:
                 report.held_back += first_int(con.execute(
-                    "SELECT count(*) FROM change_sets WHERE organization_id = $org AND status = 'held' "
-                    "AND hold_reason = $reason", {"org": org, "reason": HOLD_DIRECTORY}))
-            if changes:
-                ready[org], prepared[org] = changes, (revived, replaced)
-                client.read_state(con, org)
-            elif (revival_at := _next_revival(con, org, cooldown)) is not None:
-                marks.append((org, revival_at))
+                    "SELECT count(*) FROM change_sets WHERE list_contains($orgs, organization_id) "
+                    "AND status = 'held' AND hold_reason = $reason", {"orgs": batch, "reason": HOLD_DIRECTORY}))
+            for org in batch:
+                if by_org.get(org):
+                    ready[org] = by_org[org]
+                    prepared[org] = (revived.get(org, 0), rederived["replaced_by_organization"].get(org, 0))
+                    client.read_state(con, org)
+            marks += _next_revivals(con, [org for org in batch if org not in ready], cooldown).items()
     for org, at in marks:
         outbox.mark_ready([org], at)
     if not ready:
@@ -139,6 +143,7 @@ def _deliver_batch(warehouse, client, orgs, outbox, policy, now, progress, repor
 
     results = {org: send_changes(client, org, changes, batch_size=policy.batch_size) for org, changes in ready.items()}
     again, said = [], []
+    marks = []
     with warehouse.write() as con:
         stamp = now()
         answered = {org: [r for r in results[org] if r.status in ("applied", "rejected")] for org in ready}
@@ -146,16 +151,17 @@ def _deliver_batch(warehouse, client, orgs, outbox, policy, now, progress, repor
         if any(answered.values()):
             record_results(con, [r.as_dict() for org in ready for r in answered[org]], stamp, policy.max_attempts,
                            policy.backoff_s, policy.backoff_cap_s)
-        for org, changes in ready.items():
-            failed = [r for r in results[org] if r.status == "failed"]
-            if failed:
-                _record_failed(con, org, failed, answered[org], stamp, policy, report)
+        failed = {org: [r for r in results[org] if r.status == "failed"] for org in ready}
+        for org in ready:
+            if failed[org]:
+                _record_failed(con, org, failed[org], answered[org], stamp, policy, report)
             client.write_state(con, org)
-            retry_at = con.execute(
-                "SELECT min(next_attempt_at) FROM change_sets WHERE organization_id = $org AND status = 'failed'",
-                {"org": org},
-            ).fetchall()[0][0]
-            revival_at = _next_revival(con, org, cooldown)
+        retries = dict(con.execute(
+            "SELECT organization_id, min(next_attempt_at) FROM change_sets WHERE list_contains($orgs, organization_id) "
+            "AND status = 'failed' GROUP BY 1", {"orgs": list(ready)}).fetchall())
+        revivals = _next_revivals(con, list(ready), cooldown)
+        for org, changes in ready.items():
+            retry_at, revival_at = retries.get(org), revivals.get(org)
             if retry_at is not None:
                 marks.append((org, retry_at))
             if revival_at is not None and revival_at > stamp:
@@ -172,7 +178,7 @@ def _deliver_batch(warehouse, client, orgs, outbox, policy, now, progress, repor
             revived, replaced = prepared[org]
             said.append(
                 f"{org}: {sum(1 for r in answered[org] if r.status == 'applied')} applied, "
-                f"{sum(1 for r in answered[org] if r.status == 'rejected')} rejected, {len(failed)} not delivered"
+                f"{sum(1 for r in answered[org] if r.status == 'rejected')} rejected, {len(failed[org])} not delivered"
                 + (f" ({report.errors[org]})" if org in report.errors else "")
                 + (f"; {revived} dead change(s) tried again" if revived else "")
                 + (f"; {replaced} in-doubt change(s) re-derived" if replaced else "")
@@ -211,15 +217,19 @@ def _record_failed(con, org: str, failed: list[ChangeResult], answered: list[Cha
         report.errors.setdefault(org, unsent[0].error)
 
 
-def _next_revival(con, org: str, cooldown: timedelta) -> datetime | None:
-    """When the organization's first dead change comes back, if the application has answered since it died."""
-    died = con.execute(
+def _next_revivals(con, orgs: list[str], cooldown: timedelta) -> dict[str, datetime]:
+    """When each organization's first dead change comes back, for those the application has answered since it
+    died."""
+    if not orgs:
+        return {}
+    rows = con.execute(
         """
-        SELECT min(coalesce(c.dead_at, c.created_at)) FROM change_sets c
-        WHERE c.organization_id = $org AND c.status = 'dead'
+        SELECT c.organization_id, min(coalesce(c.dead_at, c.created_at)) FROM change_sets c
+        WHERE list_contains($orgs, c.organization_id) AND c.status = 'dead'
           AND coalesce(c.dead_at, c.created_at) < (SELECT max(x.delivered_at) FROM change_sets x
-                                                   WHERE x.organization_id = $org)
+                                                   WHERE x.organization_id = c.organization_id)
+        GROUP BY 1
         """,
-        {"org": org},
-    ).fetchall()[0][0]
-    return died + cooldown if died is not None else None
+        {"orgs": orgs},
+    ).fetchall()
+    return {org: died + cooldown for org, died in rows}

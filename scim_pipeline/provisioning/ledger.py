@@ -29,21 +29,22 @@ _ROUND = "(attempts - coalesce(attempts_at_revival, 0))"
 
 
 def ready_changes(
-    con: duckdb.DuckDBPyConnection, org_id: str, now: datetime, max_attempts: int, limit: int | None = None
+    con: duckdb.DuckDBPyConnection, org_id: Organizations, now: datetime, max_attempts: int, limit: int | None = None
 ) -> list[dict[str, Any]]:
-    """Changes to send now, in delivery order: pending ones, and failed ones whose backoff has passed (held, dead,
+    """Changes of these organizations (one, a list, or None: all) to send now, by organization in delivery order:
+    pending ones, and failed ones whose backoff has passed (held, dead,
     superseded and delivered ones never). Each is ``{"change_id", "organization_id", "entity", "op", "key", "data",
     "attempts"}`` where ``data`` is the parsed payload, ready for the application's ``changes`` list."""
     rows = con.execute(
         f"""
         SELECT change_id, organization_id, entity, op, entity_key, payload, attempts
         FROM change_sets
-        WHERE organization_id = $org AND {_ROUND} < $max_attempts
+        WHERE {org_scope(org_id)} AND {_ROUND} < $max_attempts
           AND (status = 'pending' OR (status = 'failed' AND coalesce(next_attempt_at, created_at) <= $now))
-        ORDER BY {RANK_SQL}, created_at, entity_key
+        ORDER BY organization_id, {RANK_SQL}, created_at, entity_key
         {"LIMIT $limit" if limit is not None else ""}
         """,
-        {"org": org_id, "now": now, "max_attempts": max_attempts} | ({"limit": limit} if limit is not None else {}),
+        org_params(org_id, now=now, max_attempts=max_attempts) | ({"limit": limit} if limit is not None else {}),
     ).fetchall()
     return [
         {"change_id": c, "organization_id": o, "entity": e, "op": op, "key": k, "data": json.loads(p), "attempts": a}
@@ -291,7 +292,7 @@ CREATE OR REPLACE TEMP TABLE _rederived AS
 WITH doubtful AS (
     SELECT c.change_id, c.organization_id, c.entity, c.op, c.entity_key, c.payload
     FROM change_sets c
-    WHERE c.organization_id = $org AND c.in_doubt AND c.status IN ('pending', 'failed')
+    WHERE {scope} AND c.in_doubt AND c.status IN ('pending', 'failed')
 ),
 wanted AS (
     SELECT c.*,
@@ -350,14 +351,15 @@ FROM derived
 """
 
 
-def rederive_in_doubt(con: duckdb.DuckDBPyConnection, org_id: str, now: datetime) -> dict[str, int]:
-    """Before the organization's in-doubt changes are sent again, compare each with the desired state of its key
-    now. One the directory still wants is sent as it is (the application applies a change_id once). One the
-    directory changed its mind about is ``superseded``, never sent again, and replaced by a new pending change
-    (``replaces``) that moves the application from the in-doubt outcome to what the directory wants now; the
-    replacement is in doubt too (the application's state of the key is still unknown) until it is answered.
-    Returns ``{"kept", "replaced"}``."""
-    con.execute(_REDERIVE_SQL, {"org": org_id})
+def rederive_in_doubt(con: duckdb.DuckDBPyConnection, org_id: Organizations, now: datetime) -> dict[str, Any]:
+    """Before these organizations' (one, a list, or None: all) in-doubt changes are sent again, compare each with
+    the desired state of its key now. One the directory still wants is sent as it is (the application applies a
+    change_id once). One the directory changed its mind about is ``superseded``, never sent again, and replaced by a
+    new pending change (``replaces``) that moves the application from the in-doubt outcome to what the directory
+    wants now; the replacement is in doubt too (the application's state of the key is still unknown) until it is
+    answered.
+    Returns ``{"kept", "replaced", "replaced_by_organization"}``."""
+    con.execute(_REDERIVE_SQL.replace("{scope}", org_scope(org_id, "c.organization_id")), org_params(org_id))
     con.execute(
         """
         INSERT INTO change_sets (change_id, organization_id, entity, op, entity_key, payload, status, attempts,
@@ -376,8 +378,11 @@ def rederive_in_doubt(con: duckdb.DuckDBPyConnection, org_id: str, now: datetime
         WHERE status = 'superseded' AND change_id IN (SELECT new_change_id FROM _rederived WHERE NOT same)
         """
     )
-    replaced = first_int(con.execute(
-        "UPDATE change_sets SET status = 'superseded' WHERE change_id IN (SELECT change_id FROM _rederived WHERE NOT same)"
-    ))
+    replaced: dict[str, int] = {}
+    for (org,) in con.execute(
+        "UPDATE change_sets SET status = 'superseded' "
+        "WHERE change_id IN (SELECT change_id FROM _rederived WHERE NOT same) RETURNING organization_id"
+    ).fetchall():
+        replaced[org] = replaced.get(org, 0) + 1
     kept = first_int(con.execute("SELECT count(*) FROM _rederived WHERE same"))
-    return {"kept": kept, "replaced": replaced}
+    return {"kept": kept, "replaced": sum(replaced.values()), "replaced_by_organization": replaced}

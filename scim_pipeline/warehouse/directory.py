@@ -1,9 +1,10 @@
 """Directory snapshots into the warehouse.
 
 Listing an organization streams its pages to a spool of NDJSON files (so memory stays flat whatever the directory's
-size, and no warehouse lock is held while Scalekit is called); loading the spool is one short transaction per
-organization that stages the rows, then replaces that organization's rows: upserts, tombstones for users and groups
-that left, and the raw memberships. Rows changed by a webhook event newer than the listing are left alone.
+size, and no warehouse lock is held while Scalekit is called); loading spools is one short transaction for one
+large organization or a batch of small ones that stages the rows, then replaces those organizations' rows: upserts,
+tombstones for users and groups that left, and the raw memberships. Rows changed by a webhook event newer than the
+listing are left alone.
 """
 
 from __future__ import annotations
@@ -97,52 +98,80 @@ def _inside(root: Path, name: str) -> Path:
     return folder
 
 
-def _read_json(param: str, columns: dict[str, str]) -> str:
-    """``read_json`` of the file named by the query parameter ``param``: a path is never spliced into SQL."""
+def _read_json(param: str, columns: dict[str, str], filename: bool = False) -> str:
+    """``read_json`` of the file(s) named by the query parameter ``param``: a path is never spliced into SQL."""
     cols = ", ".join(f"'{k}': '{v}'" for k, v in columns.items())
-    return f"read_json(${param}, format='newline_delimited', columns={{{cols}}})"
+    return f"read_json(${param}, format='newline_delimited', columns={{{cols}}}, filename={str(filename).lower()})"
 
 
-# A row is the snapshot's to overwrite (or tombstone) unless a webhook event newer than the listing changed it.
-FRESH = "(t.event_at IS NULL OR t.event_at < $listed_at)"
+# A row is the snapshot's to overwrite (or tombstone) unless a webhook event newer than its organization's listing
+# changed it; ``listed_at`` is the staged row's (or the staged organization's) listing time.
+FRESH = "(t.event_at IS NULL OR t.event_at < {listed}.listed_at)"
 
 
 @dataclass
 class SnapshotCounts:
-    users: int
-    users_new: int
-    users_changed: int
-    users_deleted: int
-    groups: int
-    groups_new: int
-    groups_changed: int
-    groups_deleted: int
-    memberships: int
+    users: int = 0
+    users_new: int = 0
+    users_changed: int = 0
+    users_deleted: int = 0
+    groups: int = 0
+    groups_new: int = 0
+    groups_changed: int = 0
+    groups_deleted: int = 0
+    memberships: int = 0
 
 
 def load_snapshot(con: duckdb.DuckDBPyConnection, spool: Spool, synced_at: datetime) -> SnapshotCounts:
     """Replace one organization's directory rows with its spooled snapshot. Call inside a transaction."""
-    spool.close()
-    org = spool.organization_id
-    listed_at = spool.listed_at
-    con.execute("CREATE OR REPLACE TEMP TABLE stage_users AS SELECT * FROM " + _read_json("path", USER_COLUMNS),
-                {"path": str(spool.folder / "users.ndjson")})
-    con.execute("CREATE OR REPLACE TEMP TABLE stage_groups AS SELECT * FROM " + _read_json("path", GROUP_COLUMNS),
-                {"path": str(spool.folder / "groups.ndjson")})
-    users = _once_each(con, "stage_users", "user_id")
-    groups = _once_each(con, "stage_groups", "group_id")
-    fresh = FRESH
+    return load_snapshots(con, [spool], synced_at)[spool.organization_id]
+
+
+def load_snapshots(con: duckdb.DuckDBPyConnection, spools: list[Spool], synced_at: datetime
+                   ) -> dict[str, SnapshotCounts]:
+    """Replace these organizations' directory rows with their spooled snapshots, in the same statements for all of
+    them: about twenty statements whether they are one organization or a hundred, which is what a small
+    organization's load costs. Call inside a transaction. Returns each organization's counts."""
+    for spool in spools:
+        spool.close()
+    orgs = [spool.organization_id for spool in spools]
+    counts = {org: SnapshotCounts() for org in orgs}
+    # Which organization a staged row belongs to, and as of when, comes from the spool it was read from.
+    con.execute(
+        """CREATE OR REPLACE TEMP TABLE stage_listed AS
+           SELECT unnest($orgs) AS organization_id, unnest($listed_at)::TIMESTAMP AS listed_at,
+                  unnest($users) AS users_path, unnest($groups) AS groups_path""",
+        {"orgs": orgs, "listed_at": [spool.listed_at for spool in spools],
+         "users": [str(spool.folder / "users.ndjson") for spool in spools],
+         "groups": [str(spool.folder / "groups.ndjson") for spool in spools]},
+    )
+    for stage, columns, path in (("stage_users", USER_COLUMNS, "users_path"),
+                                 ("stage_groups", GROUP_COLUMNS, "groups_path")):
+        con.execute(
+            f"""CREATE OR REPLACE TEMP TABLE {stage} AS
+                SELECT r.* EXCLUDE (filename), l.organization_id AS spool_org, l.listed_at
+                FROM {_read_json('paths', columns, filename=True)} r JOIN stage_listed l ON l.{path} = r.filename""",
+            {"paths": [str(spool.folder / ("users.ndjson" if stage == "stage_users" else "groups.ndjson"))
+                       for spool in spools]},
+        )
+    _once_each(con, "stage_users", "user_id")
+    _once_each(con, "stage_groups", "group_id")
+    for stage, field_name in (("stage_users", "users"), ("stage_groups", "groups")):
+        for org, n in con.execute(f"SELECT spool_org, count(*) FROM {stage} GROUP BY 1").fetchall():
+            setattr(counts[org], field_name, n)
 
     # Comparing every column of the existing rows would scan the whole table (the SCIM detail of every user of
-    # every organization) for each organization. An organization's rows sit together, so first find where the
-    # snapshot's users are (one narrow column), then read the wide columns of that row range only.
+    # every organization). An organization's rows sit together, and so do those of organizations synced together:
+    # first find where the snapshot's users are (one narrow column), then read the wide columns of that range only.
     lo, hi = con.execute(
         "SELECT coalesce(min(t.rowid), 0), coalesce(max(t.rowid), -1) FROM directory_users t "
         "SEMI JOIN stage_users s USING (user_id)"
     ).fetchone()
-    users_new, users_changed = con.execute(
+    fresh = FRESH.format(listed="s")
+    for org, new, changed in con.execute(
         f"""
-        SELECT count(*) FILTER (WHERE t.user_id IS NULL),
+        SELECT s.spool_org,
+               count(*) FILTER (WHERE t.user_id IS NULL),
                count(*) FILTER (WHERE t.user_id IS NOT NULL AND {fresh} AND (
                    t.deleted_at IS NOT NULL OR t.email IS DISTINCT FROM s.email
                    OR t.given_name IS DISTINCT FROM s.given_name OR t.family_name IS DISTINCT FROM s.family_name
@@ -150,9 +179,11 @@ def load_snapshot(con: duckdb.DuckDBPyConnection, spool: Spool, synced_at: datet
                    OR t.detail::VARCHAR IS DISTINCT FROM s.detail::VARCHAR))
         FROM stage_users s
         LEFT JOIN (SELECT * FROM directory_users WHERE rowid BETWEEN $lo AND $hi) t USING (user_id)
+        GROUP BY 1
         """,
-        {"listed_at": listed_at, "lo": lo, "hi": hi},
-    ).fetchone()
+        {"lo": lo, "hi": hi},
+    ).fetchall():
+        counts[org].users_new, counts[org].users_changed = new, changed
     # The upsert as an UPDATE of the rows found above, then an INSERT of the rest: DuckDB's INSERT ... ON CONFLICT
     # keeps the whole batch in memory (a directory of 200,000 users did not fit in 200 MB), these two spill.
     con.execute(
@@ -165,7 +196,7 @@ def load_snapshot(con: duckdb.DuckDBPyConnection, spool: Spool, synced_at: datet
         FROM stage_users s
         WHERE t.user_id = s.user_id AND t.rowid BETWEEN $lo AND $hi AND {fresh}
         """,
-        {"synced_at": synced_at, "listed_at": listed_at, "lo": lo, "hi": hi},
+        {"synced_at": synced_at, "lo": lo, "hi": hi},
     )
     con.execute(
         """
@@ -178,20 +209,22 @@ def load_snapshot(con: duckdb.DuckDBPyConnection, spool: Spool, synced_at: datet
         """,
         {"synced_at": synced_at, "lo": lo, "hi": hi},
     )
-    # Deletes are learned from the full snapshot: live users of this organization absent from it.
-    users_deleted = _tombstone_absent(con, "directory_users", "user_id", "stage_users", org, synced_at, listed_at)
+    # Deletes are learned from the full snapshot: live users of these organizations absent from it.
+    for org, n in _tombstone_absent(con, "directory_users", "user_id", "stage_users", synced_at).items():
+        counts[org].users_deleted = n
 
-    groups_new, groups_changed = con.execute(
+    for org, new, changed in con.execute(
         f"""
-        SELECT count(*) FILTER (WHERE t.group_id IS NULL),
+        SELECT s.spool_org, count(*) FILTER (WHERE t.group_id IS NULL),
                count(*) FILTER (WHERE t.group_id IS NOT NULL AND {fresh} AND (t.deleted_at IS NOT NULL
                    OR t.display_name IS DISTINCT FROM s.display_name))
         FROM stage_groups s LEFT JOIN directory_groups t USING (group_id)
-        """,
-        {"listed_at": listed_at},
-    ).fetchone()
-    # An UPDATE and an INSERT, as for users: INSERT ... ON CONFLICT costs about 8 ms an organization however few
-    # its groups.
+        GROUP BY 1
+        """
+    ).fetchall():
+        counts[org].groups_new, counts[org].groups_changed = new, changed
+    # An UPDATE and an INSERT, as for users: INSERT ... ON CONFLICT costs about 8 ms a statement however few the
+    # groups.
     con.execute(
         f"""
         UPDATE directory_groups AS t SET
@@ -201,7 +234,7 @@ def load_snapshot(con: duckdb.DuckDBPyConnection, spool: Spool, synced_at: datet
         FROM stage_groups s
         WHERE t.group_id = s.group_id AND {fresh}
         """,
-        {"synced_at": synced_at, "listed_at": listed_at},
+        {"synced_at": synced_at},
     )
     con.execute(
         """
@@ -213,17 +246,17 @@ def load_snapshot(con: duckdb.DuckDBPyConnection, spool: Spool, synced_at: datet
         """,
         {"synced_at": synced_at},
     )
-    groups_deleted = _tombstone_absent(con, "directory_groups", "group_id", "stage_groups", org, synced_at,
-                                       listed_at)
+    for org, n in _tombstone_absent(con, "directory_groups", "group_id", "stage_groups", synced_at).items():
+        counts[org].groups_deleted = n
 
     # Raw memberships follow their user's row: replaced wherever the snapshot was allowed to write the user.
     con.execute(
         """
         DELETE FROM directory_user_groups
-        WHERE organization_id = $org AND user_id IN (
-            SELECT user_id FROM directory_users WHERE organization_id = $org AND synced_at = $synced_at)
+        WHERE list_contains($orgs, organization_id) AND user_id IN (
+            SELECT user_id FROM directory_users WHERE list_contains($orgs, organization_id) AND synced_at = $synced_at)
         """,
-        {"org": org, "synced_at": synced_at},
+        {"orgs": orgs, "synced_at": synced_at},
     )
     # A plain INSERT: these users' memberships were just deleted, and DISTINCT covers a group listed twice on a user;
     # INSERT OR IGNORE's check of every row against the key cost half as much again.
@@ -236,22 +269,20 @@ def load_snapshot(con: duckdb.DuckDBPyConnection, spool: Spool, synced_at: datet
         """,
         {"synced_at": synced_at},
     )
-    memberships = con.execute(
-        "SELECT count(*) FROM directory_user_groups WHERE organization_id = $org", {"org": org}
-    ).fetchone()[0]
-    con.execute("DROP TABLE stage_users")
-    con.execute("DROP TABLE stage_groups")
-    return SnapshotCounts(
-        users=users, users_new=users_new, users_changed=users_changed, users_deleted=users_deleted,
-        groups=groups, groups_new=groups_new, groups_changed=groups_changed, groups_deleted=groups_deleted,
-        memberships=memberships,
-    )
+    for org, n in con.execute(
+        "SELECT organization_id, count(*) FROM directory_user_groups WHERE list_contains($orgs, organization_id) "
+        "GROUP BY 1", {"orgs": orgs},
+    ).fetchall():
+        counts[org].memberships = n
+    for stage in ("stage_users", "stage_groups", "stage_listed"):
+        con.execute(f"DROP TABLE {stage}")
+    return counts
 
 
-def _once_each(con: duckdb.DuckDBPyConnection, stage: str, key: str) -> int:
-    """Keep one row per id in a staged listing, the most recently updated, and return how many there are. A page
-    token is a position in a directory that can change while it is paged through, so a listing may show an entry
-    twice; the warehouse's key admits it once."""
+def _once_each(con: duckdb.DuckDBPyConnection, stage: str, key: str) -> None:
+    """Keep one row per id in a staged listing, the most recently updated. A page token is a position in a
+    directory that can change while it is paged through, so a listing may show an entry twice; the warehouse's key
+    admits it once."""
     rows, distinct = con.execute(f"SELECT count(*), count(DISTINCT {key}) FROM {stage}").fetchone()
     if rows != distinct:
         con.execute(f"""
@@ -259,23 +290,28 @@ def _once_each(con: duckdb.DuckDBPyConnection, stage: str, key: str) -> int:
                 SELECT rowid FROM {stage}
                 QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY updated_at DESC NULLS LAST, rowid DESC) > 1)
         """)
-    return distinct
 
 
-def _tombstone_absent(con: duckdb.DuckDBPyConnection, table: str, key: str, stage: str, org: str,
-                      synced_at: datetime, listed_at: datetime) -> int:
-    """Set ``deleted_at`` on the organization's live rows missing from the staged snapshot (unless a webhook event
-    newer than the listing changed them); returns how many."""
-    return con.execute(
+def _tombstone_absent(con: duckdb.DuckDBPyConnection, table: str, key: str, stage: str,
+                      synced_at: datetime) -> dict[str, int]:
+    """Set ``deleted_at`` on the staged organizations' live rows missing from their snapshots (unless a webhook
+    event newer than the organization's listing changed them); returns how many, by organization."""
+    rows = con.execute(
         f"""
-        UPDATE {table} AS t SET deleted_at = $synced_at, synced_at = $synced_at, event_at = $listed_at,
+        UPDATE {table} AS t SET deleted_at = $synced_at, synced_at = $synced_at, event_at = l.listed_at,
             event_nanos = NULL, event_seq = NULL
-        WHERE t.organization_id = $org AND t.deleted_at IS NULL
-          AND {FRESH}
+        FROM stage_listed l
+        WHERE t.organization_id = l.organization_id AND t.deleted_at IS NULL
+          AND {FRESH.format(listed="l")}
           AND t.{key} NOT IN (SELECT {key} FROM {stage})
+        RETURNING t.organization_id
         """,
-        {"synced_at": synced_at, "listed_at": listed_at, "org": org},
-    ).fetchone()[0]
+        {"synced_at": synced_at},
+    ).fetchall()
+    deleted: dict[str, int] = {}
+    for (org,) in rows:
+        deleted[org] = deleted.get(org, 0) + 1
+    return deleted
 
 
 def forget_organization(con: duckdb.DuckDBPyConnection, organization_id: str) -> None:
@@ -304,29 +340,32 @@ def upsert_organizations(con: duckdb.DuckDBPyConnection, orgs: list[dict], synce
 
 
 def upsert_directories(con: duckdb.DuckDBPyConnection, directories: list[dict], synced_at: datetime,
-                       listed_at: datetime) -> None:
+                       listed_at: datetime | dict[str, datetime]) -> None:
     """Replace the directories of the organizations listed (a directory removed in Scalekit disappears).
 
-    ``listed_at`` is when the listing began, the version of what it says: a directory enabled or disabled by a
-    webhook event at or after that time keeps the event's state (the listing may predate it), and an event older
-    than the listing is stale from now on."""
+    ``listed_at`` is when the listing began (one time, or one per organization id), the version of what it says: a
+    directory enabled or disabled by a webhook event at or after that time keeps the event's state (the listing may
+    predate it), and an event older than the listing is stale from now on."""
     orgs = sorted({d["organization_id"] for d in directories})
     if not orgs:
         return
+    as_of = {d["directory_id"]: listed_at[d["organization_id"]] if isinstance(listed_at, dict) else listed_at
+             for d in directories}
     directory_ids = [d["directory_id"] for d in directories]
     newer = {row[0]: row[1:] for row in con.execute(
         """
         SELECT directory_id, enabled, event_at, event_nanos, event_seq FROM directories
-        WHERE list_contains($ids, directory_id) AND event_at >= $listed_at
+        WHERE list_contains($ids, directory_id) AND event_at IS NOT NULL
         """,
-        {"ids": directory_ids, "listed_at": listed_at},
-    ).fetchall()}
+        {"ids": directory_ids},
+    ).fetchall() if row[2] >= as_of[row[0]]}
     # A plain INSERT after deleting by organization and by id: INSERT OR REPLACE costs several times more a row.
     con.execute("DELETE FROM directories WHERE list_contains($orgs, organization_id) OR list_contains($ids, directory_id)",
                 {"orgs": orgs, "ids": directory_ids})
     rows = []
     for d in directories:
-        enabled, event_at, event_nanos, event_seq = newer.get(d["directory_id"], (d["enabled"], listed_at, None, None))
+        enabled, event_at, event_nanos, event_seq = newer.get(d["directory_id"],
+                                                              (d["enabled"], as_of[d["directory_id"]], None, None))
         rows.append([d["directory_id"], d["organization_id"], d["name"], d["provider"], d["directory_type"], enabled,
                      json.dumps(d["role_assignments"]), d["total_users"], d["total_groups"], synced_at, event_at,
                      event_nanos, event_seq])

@@ -21,7 +21,7 @@ from scim_pipeline.warehouse.directory import (
     SnapshotCounts,
     Spool,
     forget_organization,
-    load_snapshot,
+    load_snapshots,
     upsert_directories,
 )
 
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 LOAD_MEMORY_LIMIT = "128MB"
 ASK_EVERY_S = 0.2  # how often a turn asks whether another writer waits (a query of Dagster's storage)
+LOAD_BATCH_USERS = 2_000  # small organizations loaded in the same statements, up to this many users together
 LOAD_THREADS = 1  # per-organization statements are small: a second thread cost more CPU than it saved time
 
 
@@ -135,26 +136,31 @@ def sync_organizations(
             said.append(f"[{done()}/{total}] {org}: FAILED: {exc}")
         return None
 
-    def load(con, spool: Spool) -> None:
+    def load(con, spools: list[Spool]) -> None:
         try:
-            # One transaction per organization, committed before it is reported: an organization reported done
-            # survives the process being killed, and one that fails half-way leaves its rows as they were.
+            # One transaction for the batch, committed before its organizations are reported: an organization
+            # reported done survives the process being killed, and a batch that fails half-way leaves every one of
+            # its organizations' rows as they were.
             with transaction(con):
-                if spool.deleted:
-                    forget_organization(con, spool.organization_id)
-                upsert_directories(con, spool.directories, utcnow(), spool.listed_at)
-                counts = load_snapshot(con, spool, utcnow())
+                for spool in spools:
+                    if spool.deleted:
+                        forget_organization(con, spool.organization_id)
+                upsert_directories(con, [d for spool in spools for d in spool.directories], utcnow(),
+                                   {spool.organization_id: spool.listed_at for spool in spools})
+                loaded = load_snapshots(con, spools, utcnow())
         finally:
-            spool.remove()
-        report.synced[spool.organization_id] = counts
-        if spool.deleted:
-            report.deleted.append(spool.organization_id)
-        said.append(
-            f"[{done()}/{total}] {spool.organization_id}: "
-            + ("deleted in Scalekit: " if spool.deleted else "")
-            + f"{counts.users} users (+{counts.users_new} ~{counts.users_changed} -{counts.users_deleted}), "
-            f"{counts.groups} groups"
-        )
+            for spool in spools:
+                spool.remove()
+        for spool in spools:
+            counts = report.synced[spool.organization_id] = loaded[spool.organization_id]
+            if spool.deleted:
+                report.deleted.append(spool.organization_id)
+            said.append(
+                f"[{done()}/{total}] {spool.organization_id}: "
+                + ("deleted in Scalekit: " if spool.deleted else "")
+                + f"{counts.users} users (+{counts.users_new} ~{counts.users_changed} -{counts.users_deleted}), "
+                f"{counts.groups} groups"
+            )
 
     def say() -> None:
         # One message for the organizations of a turn: each message is an event in Dagster's run log, which costs
@@ -185,10 +191,10 @@ def sync_organizations(
             while remaining:
                 # Listing goes on in the pool while this thread writes. Opening, checkpointing and closing DuckDB
                 # costs more than loading a small organization, so every organization already listed is loaded in
-                # the same turn and connection, one transaction each. The turn ends as soon as none is ready (the
-                # warehouse is never held while listing) or another writer waits (asked every ASK_EVERY_S): that
-                # writer waits for the organization being written, or a moment of small ones, and this sync takes
-                # its next turn after it.
+                # the same turn and connection, in batches of one transaction each. The turn ends as soon as none is
+                # ready (the warehouse is never held while listing) or another writer waits (asked every
+                # ASK_EVERY_S): that writer waits for the batch being written (one large organization, or many small
+                # ones), and this sync takes its next turn after it.
                 spool = take(listed.get())
                 remaining -= 1
                 if spool is None:
@@ -198,15 +204,24 @@ def sync_organizations(
                     tune(con)
                     asked, first = time.monotonic(), True
                     while spool is not None:
-                        load(con, spool)
-                        if first:  # said at once for the turn's first organization, at its end for the others
+                        # The organizations already listed go together, up to LOAD_BATCH_USERS users: the
+                        # statements of a load cost the same for one small organization as for a hundred.
+                        batch, users = [spool], spool.users
+                        while users < LOAD_BATCH_USERS and (spool := next_ready()) is not None:
+                            if users + spool.users > LOAD_BATCH_USERS:
+                                break
+                            batch.append(spool)
+                            users += spool.users
+                            spool = None
+                        load(con, batch)
+                        if first:  # said at once for the turn's first batch, at its end for the others
                             say()
                             first = False
                         if time.monotonic() - asked >= ASK_EVERY_S:
                             if turns.others_waiting():
                                 break
                             asked = time.monotonic()
-                        spool = next_ready()
+                        spool = spool or next_ready()
                 say()
         except BaseException:
             say()

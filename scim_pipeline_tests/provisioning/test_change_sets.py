@@ -414,7 +414,8 @@ def test_an_in_doubt_change_the_directory_undid_is_replaced_by_the_current_recor
     record_failure(con, [stale["change_id"]], "timed out", at(3), max_attempts=5, backoff_s=1)
     add_user(con, "u2", active=True)  # the directory changed its mind
     sync(con, at(4))  # the diff against what was acknowledged is empty for u2: the in-doubt change stays
-    assert rederive_in_doubt(con, "org_a", at(5)) == {"kept": 0, "replaced": 1}
+    assert rederive_in_doubt(con, "org_a", at(5)) == {"kept": 0, "replaced": 1,
+                                                      "replaced_by_organization": {"org_a": 1}}
     sent = deliver_all(con, now=at(6))
     assert stale["change_id"] not in [c["change_id"] for c in sent]
     (reassert,) = [c for c in sent if c["key"] == "u2"]
@@ -433,7 +434,8 @@ def test_an_in_doubt_change_still_wanted_is_sent_as_is(con):
     sync(con, at(3))
     ready = ready_changes(con, "org_a", at(3), max_attempts=5)
     record_failure(con, [c["change_id"] for c in ready], "timed out", at(3), max_attempts=5, backoff_s=1)
-    assert rederive_in_doubt(con, "org_a", at(4)) == {"kept": len(ready), "replaced": 0}
+    assert rederive_in_doubt(con, "org_a", at(4)) == {"kept": len(ready), "replaced": 0,
+                                                      "replaced_by_organization": {}}
     assert sorted(c["change_id"] for c in deliver_all(con, now=at(10))) == sorted(c["change_id"] for c in ready)
 
 
@@ -445,7 +447,8 @@ def test_an_in_doubt_delete_undone_recreates_the_user_with_memberships_and_roles
     record_failure(con, doubtful, "timed out", at(3), max_attempts=5, backoff_s=1)  # remove, revoke, delete
     add_user(con, "u1")  # back
     sync(con, at(4))
-    assert rederive_in_doubt(con, "org_a", at(5)) == {"kept": 0, "replaced": 3}
+    assert rederive_in_doubt(con, "org_a", at(5)) == {"kept": 0, "replaced": 3,
+                                                      "replaced_by_organization": {"org_a": 3}}
     sent = deliver_all(con, now=at(6))
     assert sorted((c["entity"], c["op"]) for c in sent) == [("membership", "add"), ("role", "grant"), ("user", "create")]
     # The application may have deleted u1's memberships and roles with it: the next diff sends them again.

@@ -90,3 +90,72 @@ def test_a_spool_under_a_path_with_quotes_loads(tmp_path):
     with wh.write() as con:
         counts = load_snapshot(con, spool, datetime(2026, 1, 3))
     assert (counts.users, counts.users_new) == (1, 1)
+
+
+def member(org: str, i: int, groups: list[str]) -> dict:
+    return {**user(i, groups), "user_id": f"diruser_{org}_{i}", "organization_id": org, "directory_id": f"dir_{org}"}
+
+
+def group(org: str, g: int) -> dict:
+    return {"group_id": f"dirgroup_{org}_{g}", "organization_id": org, "directory_id": f"dir_{org}",
+            "display_name": f"G{g}", "total_users": 1, "updated_at": datetime(2026, 1, 1), "detail": {}}
+
+
+def spool_of(root, org: str, listed_at: datetime, users: list[dict], groups: list[dict]) -> Spool:
+    spool = Spool.create(root, org, listed_at)
+    spool.add_users(Page.of(users))
+    spool.add_groups(Page.of(groups))
+    return spool
+
+
+def test_organizations_loaded_together_end_as_if_each_was_loaded_alone(tmp_path):
+    """A batch of small organizations is one set of statements: each keeps its own counts, its own tombstones and
+    its own listing time (an event newer than its listing survives, one older is overwritten), and an organization
+    whose spool is empty (deleted in Scalekit) is tombstoned without touching the others."""
+    from scim_pipeline.warehouse.directory import load_snapshots
+
+    orgs = ["org_a", "org_b", "org_c"]
+    first = datetime(2026, 1, 2)
+    states = {}
+    for together in (False, True):
+        wh = Warehouse(tmp_path / f"w{together}.duckdb")
+        root = tmp_path / f"spool{together}"
+        with wh.write() as con:
+            for org in orgs:
+                load_snapshot(con, spool_of(root, org, first, [member(org, i, [f"dirgroup_{org}_0"]) for i in range(4)],
+                                            [group(org, 0), group(org, 1)]), first)
+            # Webhook events after the first load: org_a's user 0 renamed at 12:00, org_b's user 0 at 12:00.
+            con.execute("UPDATE directory_users SET email = 'event@x.io', event_at = $t WHERE user_id IN "
+                        "('diruser_org_a_0', 'diruser_org_b_0')", {"t": datetime(2026, 1, 3, 12)})
+        # The second listing: org_a listed before its event (the event stands), org_b after it (the listing wins);
+        # org_a lost user 3 and group 1, org_b changed user 1's name, org_c is gone from Scalekit.
+        spools = [
+            spool_of(root, "org_a", datetime(2026, 1, 3, 11), [member("org_a", i, []) for i in range(3)],
+                     [group("org_a", 0)]),
+            spool_of(root, "org_b", datetime(2026, 1, 3, 13),
+                     [member("org_b", i, [f"dirgroup_org_b_{i % 2}"]) | ({"given_name": "New"} if i == 1 else {})
+                      for i in range(4)], [group("org_b", 0), group("org_b", 1)]),
+            spool_of(root, "org_c", datetime(2026, 1, 3, 13), [], []),
+        ]
+        synced = datetime(2026, 1, 4)
+        with wh.write() as con:
+            if together:
+                counts = load_snapshots(con, spools, synced)
+            else:
+                counts = {spool.organization_id: load_snapshot(con, spool, synced) for spool in spools}
+        with wh.read() as con:
+            states[together] = (
+                counts,
+                con.execute("SELECT user_id, email, given_name, deleted_at, synced_at, event_at FROM directory_users "
+                            "ORDER BY 1").fetchall(),
+                con.execute("SELECT group_id, deleted_at, event_at FROM directory_groups ORDER BY 1").fetchall(),
+                con.execute("SELECT * FROM directory_user_groups ORDER BY ALL").fetchall(),
+            )
+    assert states[True] == states[False]
+    counts, users, _, _ = states[True]
+    assert (counts["org_a"].users, counts["org_a"].users_deleted, counts["org_a"].groups_deleted) == (3, 1, 1)
+    assert (counts["org_b"].users_changed, counts["org_b"].users_deleted, counts["org_b"].memberships) == (2, 0, 4)
+    assert (counts["org_c"].users, counts["org_c"].users_deleted, counts["org_c"].groups_deleted) == (0, 4, 2)
+    emails = {row[0]: row[1] for row in users}
+    assert emails["diruser_org_a_0"] == "event@x.io"  # newer than org_a's listing
+    assert emails["diruser_org_b_0"] == "u0@x.io"  # older than org_b's listing

@@ -20,6 +20,9 @@ from scim_pipeline.provisioning.outbox_index import Lease, OutboxIndex
 from scim_pipeline.warehouse.connection import Warehouse
 
 
+OBSERVED_ORGANIZATIONS = 100  # a delivery run observes ``delivered_state`` of at most this many organizations
+
+
 class DeliveryConfig(dg.Config):
     organizations: list[str] = []  # delivery job: empty means every organization whose changes are due
     max_attempts: int = 8
@@ -84,7 +87,13 @@ def deliver(context: dg.OpExecutionContext, config: DeliveryConfig, warehouse: d
     metadata, sent_to = _deliver(context, config, orgs, lease, warehouse, application)
     # ``delivered_state`` has one owner, its asset (the webhook path's last step); what a delivery run sent shows on
     # the same asset's page as an observation of each organization it had changes for (not of every organization
-    # it looked at: a run over a thousand would log a thousand events for nothing).
+    # it looked at: a run over a thousand would log a thousand events for nothing). A run that sent to more than
+    # OBSERVED_ORGANIZATIONS (a first sync, the catch-up after an outage) observes none: each event is a write to
+    # Dagster's storage, a thousand of them cost more than the delivery; its log and the ledger say what it sent.
+    if len(sent_to) > OBSERVED_ORGANIZATIONS:
+        context.log.info(f"sent changes to {len(sent_to)} organizations: per organization in this run's log above, "
+                         "and in `scim-pipeline changes`")
+        return
     for org in sent_to:
         context.log_event(dg.AssetObservation(asset_key="delivered_state", partition=org,
                                               metadata=metadata if len(orgs) == 1 else {"run_total": metadata["delivered"]}))
