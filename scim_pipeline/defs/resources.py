@@ -17,7 +17,6 @@ from scim_pipeline.config import settings
 from scim_pipeline.defs import run_process
 from scim_pipeline.lib.retry import RetryPolicy
 from scim_pipeline.provisioning.changes_protocol import ApplicationClient, DeliveryClient
-from scim_pipeline.provisioning.scim2_protocol import Scim2Client
 from scim_pipeline.scalekit.directory_api import DirectoryAPI
 from scim_pipeline.warehouse.connection import Warehouse
 
@@ -63,6 +62,10 @@ class ApplicationResource(dg.ConfigurableResource):
     def client(self) -> DeliveryClient:
         cfg = settings()
         if cfg.app_protocol() == "scim2":
+            # Imported here: its SCIM models take a third of a second to import, in every run worker of the webhook
+            # path, where most installations deliver with the ``changes`` protocol.
+            from scim_pipeline.provisioning.scim2_protocol import Scim2Client
+
             scim2 = cfg.scim2()
             if self.url:
                 scim2 = dataclasses.replace(scim2, url=self.url)
