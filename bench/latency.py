@@ -1,6 +1,6 @@
-"""End-to-end latency of the real-time path under `dagster dev`: an emulator mutation -> signed webhook -> receiver
--> inbox -> webhook sensor -> incremental run (events applied, change sets computed and delivered) -> the demo
-application.
+"""End-to-end latency of the real-time path under `scim-pipeline dev`'s Dagster (webserver and daemon): an emulator
+mutation -> signed webhook -> receiver -> inbox -> webhook sensor -> incremental run (events applied, change sets
+computed and delivered) -> the demo application.
 
 Each probe deactivates or reactivates one user and polls the application until it shows the change. Printed: p50
 and p95 against the targets (p50 under 10 s, p95 under 15 s), beside the floor measured in the same run: the time
@@ -49,7 +49,7 @@ def main() -> int:
     under = args.under_reconciliation
     orgs, users_per_org = args.orgs or (20 if under else 5), args.users or (4000 if under else 200)
     if under:
-        os.environ["SCIM_PIPELINE_RECONCILE_CRON"] = "* * * * *"  # read by the code location dagster dev loads
+        os.environ["SCIM_PIPELINE_RECONCILE_CRON"] = "* * * * *"  # read by the code location the daemon loads
 
     home = Path(tempfile.mkdtemp(prefix="scim-latency-"))
     for var in ("SCALEKIT_ENVIRONMENT_URL", "SCIM_PIPELINE_APP_URL", "DAGSTER_HOME"):
@@ -64,7 +64,7 @@ def main() -> int:
         stack.start_receiver()
         stack.start_app()
         run_sync(say=lambda _: None)
-        stack.start_dagster_dev(free_port())
+        stack.start_dagster(free_port())
         instance = dagster_instance()
         deadline = time.monotonic() + 120
         while "SENSOR" not in instance.get_daemon_heartbeats() and time.monotonic() < deadline:

@@ -22,10 +22,11 @@ COMMANDS = {
     "retry": "scim_pipeline.commands:retry_from_cli",
     "demo": "scim_pipeline.devstack.demo:demo_from_cli",
     "dev": "scim_pipeline.devstack.demo:dev_from_cli",
+    "daemon": "scim_pipeline.daemon:daemon_from_cli",
 }
 # Commands that use the Dagster instance or the webhook inbox: with SCIM_PIPELINE_POSTGRES_URL set, the database is
 # checked before they start, so that a wrong password is one line now and not a traceback in the middle of a run.
-USE_POSTGRES = {"webhooks", "sync", "dev"}
+USE_POSTGRES = {"webhooks", "sync", "dev", "daemon"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,8 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "application (default demo)"}
     p = sub.add_parser("demo", help="run the whole pipeline end to end, headless, on the embedded services")
     p.add_argument("--app", **apps)
-    p = sub.add_parser("dev", help="embedded services plus `dagster dev` with sensors and schedules running")
+    p = sub.add_parser("dev", help="embedded services plus Dagster's webserver and daemon, sensors and schedules "
+                       "running")
     p.add_argument("--app", **apps)
+    p = sub.add_parser("daemon", help="Dagster's daemon (dagster-daemon, same arguments) with sensors evaluated every "
+                       "SCIM_PIPELINE_SENSOR_LOOP_S seconds (default 0.5) instead of 5")
+    p.add_argument("dagster_args", nargs=argparse.REMAINDER, metavar="ARGS",
+                   help="dagster-daemon's arguments, e.g. run -w workspace.yaml")
     return parser
 
 

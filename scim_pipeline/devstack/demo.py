@@ -3,7 +3,7 @@
 demo: a full sync, delivery, a burst of directory changes arriving as signed webhooks (some dropped, some sent
 twice, some out of order), incremental runs through the Dagster daemon's sensors, latency probes, and a
 reconciliation; then it compares the application with the directory and says ``converged: yes`` or ``no``.
-dev: the same services with live directory churn, and ``dagster dev`` with sensors and schedules on.
+dev: the same services with live directory churn, and Dagster's webserver and daemon with sensors and schedules on.
 """
 
 from __future__ import annotations
@@ -242,7 +242,8 @@ def demo_from_cli(args) -> int:
 
 
 def dev_from_cli(args) -> int:
-    """Embedded services (unless configured otherwise), churn, and ``dagster dev``; Ctrl-C stops everything."""
+    """Embedded services (unless configured otherwise), churn, and Dagster's webserver and daemon; Ctrl-C stops
+    everything."""
     _stop_on_signals()
     home = config.home()
     real_scalekit = bool(os.environ.get("SCALEKIT_ENVIRONMENT_URL"))
@@ -259,10 +260,10 @@ def dev_from_cli(args) -> int:
         elif not real_app:
             stack.start_app()
             say(f"Demo application:  {stack.app.url}/state")
-        stack.start_dagster_dev(3000)
+        stack.start_dagster(3000)
         say("Dagster UI:        http://127.0.0.1:3000  (Ctrl-C stops everything)")
         try:
-            while stack.dagster.poll() is None:
+            while stack.dagster_running():
                 time.sleep(1)
         except KeyboardInterrupt:
             say("\nstopping ...")

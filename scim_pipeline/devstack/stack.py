@@ -1,5 +1,5 @@
 """The embedded stack of an installation: Scalekit emulator, webhook receiver, demo application, and Dagster (the
-daemon, or ``dagster dev``), each in a process of its own, started in dependency order and stopped in reverse.
+daemon, and for ``dev`` the webserver too), each in a process of its own, started in dependency order and stopped in reverse.
 
 Used by ``demo`` and ``dev`` and by the end-to-end tests, so they run exactly what a user runs.
 """
@@ -29,7 +29,8 @@ class Stack:
         self.receiver: services.Service | None = None
         self.app: services.Service | None = None
         self.scim2 = None  # a Scim2App, when the application is a SCIM 2.0 server
-        self.dagster: subprocess.Popen | None = None
+        self.dagster: subprocess.Popen | None = None  # the Dagster daemon
+        self.webserver: subprocess.Popen | None = None
         self.emulator_env: dict[str, str] = {}
         self._http: httpx.Client | None = None
 
@@ -90,13 +91,18 @@ class Stack:
         return {**os.environ, "SCIM_PIPELINE_HOME": str(self.home), "DAGSTER_HOME": str(ensure_dagster_home()),
                 "PYTHONUNBUFFERED": "1"}
 
+    def _dagster_target(self) -> list[str]:
+        workspace = Path("workspace.yaml")
+        return ["-w", str(workspace)] if workspace.is_file() else ["-m", "scim_pipeline.definitions"]
+
     def start_daemon(self, timeout: float = 90.0) -> None:
-        """``dagster-daemon run`` on the code location; returns once its sensor loop has a heartbeat."""
+        """``scim-pipeline daemon run`` (Dagster's daemon, sensors evaluated every half second) on the code location;
+        returns once its sensor loop has a heartbeat."""
         import dagster as dg
 
         log = open(self.home / "logs" / "dagster-daemon.log", "ab")
         self.dagster = subprocess.Popen(
-            [_bin("dagster-daemon"), "run", "-m", "scim_pipeline.definitions"],
+            [_bin("scim-pipeline"), "daemon", "run", *self._dagster_target()],
             env=self._dagster_env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
@@ -113,29 +119,26 @@ class Stack:
             time.sleep(0.5)
         raise RuntimeError("the Dagster daemon did not start within {timeout:.0f}s")
 
-    def start_dagster_dev(self, port: int = 3000) -> None:
-        """``dagster dev`` (webserver and daemon) with the project's workspace and instance settings."""
-        workspace = Path("workspace.yaml")
-        target = ["-w", str(workspace)] if workspace.is_file() else ["-m", "scim_pipeline.definitions"]
-        self.dagster = subprocess.Popen(
-            [_bin("dagster"), "dev", *target, "-h", "127.0.0.1", "-p", str(port)],
+    def start_dagster(self, port: int = 3000) -> None:
+        """What ``dagster dev`` runs, the webserver and the daemon, with the project's workspace and instance
+        settings; the daemon is ``scim-pipeline daemon``, whose sensor loop ``dagster dev`` has no way to set."""
+        self.webserver = subprocess.Popen(
+            [_bin("dagster-webserver"), *self._dagster_target(), "-h", "127.0.0.1", "-p", str(port)],
             env=self._dagster_env(), stdin=subprocess.DEVNULL, start_new_session=True,
         )
+        self.start_daemon()
+
+    def dagster_running(self) -> bool:
+        return all(p.poll() is None for p in (self.dagster, self.webserver) if p is not None)
 
     # --- lifecycle ------------------------------------------------------------------------------------------------------
 
     def stop(self) -> None:
         if self._http is not None:
             self._http.close()
-        if self.dagster is not None and self.dagster.poll() is None:
-            try:
-                os.killpg(self.dagster.pid, signal.SIGTERM)  # its code server and run workers too
-                self.dagster.wait(30)
-            except (subprocess.TimeoutExpired, ProcessLookupError):
-                try:
-                    os.killpg(self.dagster.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        for process in (self.dagster, self.webserver):
+            if process is not None and process.poll() is None:
+                _stop_group(process)
         for service in reversed(self.services):
             service.stop()
 
@@ -178,6 +181,18 @@ class Stack:
             ctx = ssl.create_default_context(cafile=self.emulator_env["REQUESTS_CA_BUNDLE"])
             self._http = httpx.Client(base_url=self.emulator_env["SCALEKIT_ENVIRONMENT_URL"], verify=ctx, timeout=30)
         return self._http
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the process and its group (its code server and run workers too), SIGKILL after 30 s."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(30)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _bin(name: str) -> str:

@@ -65,6 +65,18 @@ def test_a_leaver_reaches_the_application_through_the_daemon(stack):
     assert ("organization.directory.user_updated", "applied") in set(map(tuple, events.values.tolist()))
     assert stack.app_stats()["max_applications"] == 1
 
+    # The daemon (scim-pipeline daemon) evaluates sensors every second, not on Dagster's fixed 5 s loop: the webhook
+    # sensor's ticks are about a second apart.
+    state = next(s for s in instance.all_instigator_state() if s.name == "webhook_events_sensor")
+
+    def eight_ticks():
+        found = instance.get_ticks(state.instigator_origin_id, state.selector_id, limit=8)
+        return sorted(t.timestamp for t in found) if len(found) == 8 else None
+
+    ticks = wait_for(eight_ticks, 30)
+    gaps = sorted(b - a for a, b in zip(ticks, ticks[1:]))
+    assert gaps[len(gaps) // 2] < 2.5, gaps
+
     # Runs the daemon launched record their own process (the run worker's) and host, so the reaper can judge them.
     launched = [r.dagster_run for r in instance.get_run_records(dg.RunsFilter(job_name="directory_events"))]
     assert launched

@@ -17,7 +17,7 @@ from scim_pipeline.scalekit.directory_api import ScalekitError
 RECONCILE_CRON_VAR = "SCIM_PIPELINE_RECONCILE_CRON"
 DEFAULT_RECONCILE_CRON = "0 3 * * *"  # daily, at night
 RUN_BATCH_VAR = "SCIM_PIPELINE_ORGS_PER_RUN"
-DEFAULT_ORGS_PER_RUN = 250  # a run costs seconds of bookkeeping, and holds the warehouse only while it writes
+DEFAULT_ORGS_PER_RUN = 1000  # a run costs seconds of bookkeeping, and holds the warehouse only while it writes
 
 RANGE_START = "dagster/asset_partition_range_start"
 RANGE_END = "dagster/asset_partition_range_end"
