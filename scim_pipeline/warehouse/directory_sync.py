@@ -206,13 +206,13 @@ def sync_organizations(
                     while spool is not None:
                         # The organizations already listed go together, up to LOAD_BATCH_USERS users: the
                         # statements of a load cost the same for one small organization as for a hundred.
-                        batch, users = [spool], spool.users
-                        while users < LOAD_BATCH_USERS and (spool := next_ready()) is not None:
-                            if users + spool.users > LOAD_BATCH_USERS:
+                        batch, users, spool = [spool], spool.users, None
+                        while users < LOAD_BATCH_USERS and (ready := next_ready()) is not None:
+                            if users + ready.users > LOAD_BATCH_USERS:
+                                spool = ready  # the next batch's first
                                 break
-                            batch.append(spool)
-                            users += spool.users
-                            spool = None
+                            batch.append(ready)
+                            users += ready.users
                         load(con, batch)
                         if first:  # said at once for the turn's first batch, at its end for the others
                             say()
