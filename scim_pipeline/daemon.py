@@ -6,7 +6,7 @@ Dagster's daemon evaluates the sensors in a loop of 5 s whatever a sensor's ``mi
 webhook waited 2.5 s on average and 5 s at worst for the tick that starts its run: a third of the webhook path's
 latency (measured under ``dagster dev``: p50 7.6 s with the 5 s loop, 4.5 s with a 1 s loop). Dagster has no setting
 for it; this sets the loop's module constant before the daemon starts, and everything else is Dagster's own. Each
-sensor still ticks no more often than its own minimum interval; only the webhook and delivery sensors ask for 1 s.
+sensor still ticks no more often than its own minimum interval; only the webhook sensor asks for 1 s.
 """
 
 from __future__ import annotations

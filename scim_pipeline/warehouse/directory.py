@@ -98,10 +98,11 @@ def _inside(root: Path, name: str) -> Path:
     return folder
 
 
-def _read_json(param: str, columns: dict[str, str], filename: bool = False) -> str:
-    """``read_json`` of the file(s) named by the query parameter ``param``: a path is never spliced into SQL."""
+def _read_json(param: str, columns: dict[str, str]) -> str:
+    """``read_json`` of the files named by the query parameter ``param`` (a list), each row with the ``filename``
+    it came from: a path is never spliced into SQL."""
     cols = ", ".join(f"'{k}': '{v}'" for k, v in columns.items())
-    return f"read_json(${param}, format='newline_delimited', columns={{{cols}}}, filename={str(filename).lower()})"
+    return f"read_json(${param}, format='newline_delimited', columns={{{cols}}}, filename=true)"
 
 
 # A row is the snapshot's to overwrite (or tombstone) unless a webhook event newer than its organization's listing
@@ -136,23 +137,22 @@ def load_snapshots(con: duckdb.DuckDBPyConnection, spools: list[Spool], synced_a
         spool.close()
     orgs = [spool.organization_id for spool in spools]
     counts = {org: SnapshotCounts() for org in orgs}
+    files = {"users_path": [str(spool.folder / "users.ndjson") for spool in spools],
+             "groups_path": [str(spool.folder / "groups.ndjson") for spool in spools]}
     # Which organization a staged row belongs to, and as of when, comes from the spool it was read from.
     con.execute(
         """CREATE OR REPLACE TEMP TABLE stage_listed AS
            SELECT unnest($orgs) AS organization_id, unnest($listed_at)::TIMESTAMP AS listed_at,
-                  unnest($users) AS users_path, unnest($groups) AS groups_path""",
-        {"orgs": orgs, "listed_at": [spool.listed_at for spool in spools],
-         "users": [str(spool.folder / "users.ndjson") for spool in spools],
-         "groups": [str(spool.folder / "groups.ndjson") for spool in spools]},
+                  unnest($users_path) AS users_path, unnest($groups_path) AS groups_path""",
+        {"orgs": orgs, "listed_at": [spool.listed_at for spool in spools], **files},
     )
     for stage, columns, path in (("stage_users", USER_COLUMNS, "users_path"),
                                  ("stage_groups", GROUP_COLUMNS, "groups_path")):
         con.execute(
             f"""CREATE OR REPLACE TEMP TABLE {stage} AS
                 SELECT r.* EXCLUDE (filename), l.organization_id AS spool_org, l.listed_at
-                FROM {_read_json('paths', columns, filename=True)} r JOIN stage_listed l ON l.{path} = r.filename""",
-            {"paths": [str(spool.folder / ("users.ndjson" if stage == "stage_users" else "groups.ndjson"))
-                       for spool in spools]},
+                FROM {_read_json('paths', columns)} r JOIN stage_listed l ON l.{path} = r.filename""",
+            {"paths": files[path]},
         )
     _once_each(con, "stage_users", "user_id")
     _once_each(con, "stage_groups", "group_id")
