@@ -100,6 +100,7 @@ class Stack:
         returns once its sensor loop has a heartbeat."""
         import dagster as dg
 
+        (self.home / "logs").mkdir(parents=True, exist_ok=True)
         log = open(self.home / "logs" / "dagster-daemon.log", "ab")
         self.dagster = subprocess.Popen(
             [_bin("scim-pipeline"), "daemon", "run", *self._dagster_target()],

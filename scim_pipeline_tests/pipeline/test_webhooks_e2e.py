@@ -118,3 +118,37 @@ def test_a_new_organization_is_onboarded_under_the_daemon(stack):
 
     mapping = load_role_mapping(settings().role_mappings_path())
     wait_for(lambda: not differences(stack.app_state(), stack.truth(), mapping), 30)
+
+
+def test_dev_runs_the_ui_beside_the_daemon_and_stops_both(stack):
+    """``scim-pipeline dev``'s Dagster: the webserver answers and the daemon beats; stopping the stack ends both
+    process groups (the code servers they started with them)."""
+    import httpx
+
+    from scim_pipeline.devstack.services import free_port
+
+    port = free_port()
+    stack.start_dagster(port)
+    instance = dg.DagsterInstance.get()
+
+    def answers() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/server_info", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(answers, 90, interval=0.5)
+    assert "SENSOR" in instance.get_daemon_heartbeats() and stack.dagster_running()
+    groups = [stack.dagster.pid, stack.webserver.pid]
+    stack.stop()
+    assert stack.dagster.poll() is not None and stack.webserver.poll() is not None
+
+    def gone(group: int) -> bool:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    for group in groups:  # the code servers leave moments after the processes that started them
+        wait_for(lambda: gone(group), 30)
