@@ -12,7 +12,10 @@ Starts the emulator (with webhooks to the receiver) and the demo application in 
   tick interval or queue in the figure), first quiet, then while ``scim-pipeline sync`` re-syncs every
   organization in another process;
 - sensor ticks with every organization a partition: ``webhook_events_sensor`` with events just arrived for
-  ``--event-orgs`` organizations, and ``delivery_sensor``.
+  ``--event-orgs`` organizations, and ``delivery_sensor``;
+- the asset pages: Dagster's webserver started on the same instance, and the GraphQL queries behind an asset's page
+  (partition counts, every partition's status, the latest materializations, one partition's) timed, slowest of the
+  assets ``directory_users`` and ``change_sets``.
 
 ``--postgres``: Dagster's storage (runs, event log) and the webhook inbox in a PostgreSQL server the benchmark
 starts, as ``SCIM_PIPELINE_POSTGRES_URL`` sets up an installation: the way to run this many organizations.
@@ -26,6 +29,7 @@ import argparse
 import contextlib
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -97,6 +101,51 @@ class Probe:
                 return time.monotonic() - started
             time.sleep(0.1)
         return float("inf")
+
+
+ASSET_PAGE_QUERIES = {
+    "partition counts": '{ assetNodeOrError(assetKey: {path: ["%s"]}) { ... on AssetNode { partitionStats { '
+                        'numMaterialized numPartitions numFailed numMaterializing } } } }',
+    "every partition's status": '{ assetNodeOrError(assetKey: {path: ["%s"]}) { ... on AssetNode { '
+                                'assetPartitionStatuses { ... on DefaultPartitionStatuses { materializedPartitions '
+                                'failedPartitions materializingPartitions } } } } }',
+    "latest materializations": '{ assetOrError(assetKey: {path: ["%s"]}) { ... on Asset { '
+                               'assetMaterializations(limit: 25) { partition timestamp metadataEntries { label } } } } }',
+    "one partition": '{ assetOrError(assetKey: {path: ["%s"]}) { ... on Asset { '
+                     'assetMaterializations(partitions: ["%s"], limit: 1) { timestamp metadataEntries { label } } } } }',
+}
+
+
+def asset_page_queries(partition: str) -> dict[str, float]:
+    """Seconds for each query behind an asset's page, slowest of two assets, from a webserver on this instance."""
+    import httpx
+
+    from scim_pipeline.devstack.services import free_port
+
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).with_name("dagster-webserver")), "-m",
+                               "scim_pipeline.definitions", "-h", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/server_info", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.5)
+        slowest: dict[str, float] = {}
+        for asset in ("directory_users", "change_sets"):
+            for name, query in ASSET_PAGE_QUERIES.items():
+                query = query % ((asset, partition) if name == "one partition" else asset)
+                seconds, response = timed(httpx.post, f"{url}/graphql", json={"query": query}, timeout=120)
+                if "errors" in response.json():
+                    raise SystemExit(f"asset page query {name!r} failed: {response.text[:300]}")
+                slowest[name] = max(slowest.get(name, 0.0), seconds)
+        return slowest
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
 
 
 def main() -> int:
@@ -193,6 +242,8 @@ def run(args) -> int:
         print(f"webhook sensor tick, {len(instance.get_dynamic_partitions('organizations'))} partitions, events of "
               f"{len(chosen)} organizations: {tick:5.2f} s ({asked} run requests)", flush=True)
         print(f"delivery sensor tick:                      {delivery_tick:5.2f} s", flush=True)
+        for name, seconds in asset_page_queries(org_ids[0]).items():
+            print(f"asset page, {name + ':':28s}  {seconds * 1000:5.0f} ms", flush=True)
 
     print()
     checks = {"first sync": first, "no-change sync": again, "sensor tick": tick,
