@@ -110,9 +110,11 @@ ASSET_PAGE_QUERIES = {
                                 'assetPartitionStatuses { ... on DefaultPartitionStatuses { materializedPartitions '
                                 'failedPartitions materializingPartitions } } } } }',
     "latest materializations": '{ assetOrError(assetKey: {path: ["%s"]}) { ... on Asset { '
-                               'assetMaterializations(limit: 25) { partition timestamp metadataEntries { label } } } } }',
+                               'assetMaterializations(limit: 25) { partition timestamp metadataEntries { label } } '
+                               '} } }',
     "one partition": '{ assetOrError(assetKey: {path: ["%s"]}) { ... on Asset { '
-                     'assetMaterializations(partitions: ["%s"], limit: 1) { timestamp metadataEntries { label } } } } }',
+                     'assetMaterializations(partitions: ["%s"], limit: 1) { timestamp metadataEntries { label } } '
+                     '} } }',
 }
 
 

@@ -1,5 +1,6 @@
 """The embedded stack of an installation: Scalekit emulator, webhook receiver, demo application, and Dagster (the
-daemon, and for ``dev`` the webserver too), each in a process of its own, started in dependency order and stopped in reverse.
+daemon, and for ``dev`` the webserver too), each in a process of its own, started in dependency order and stopped in
+reverse.
 
 Used by ``demo`` and ``dev`` and by the end-to-end tests, so they run exactly what a user runs.
 """

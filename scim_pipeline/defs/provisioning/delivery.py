@@ -105,9 +105,9 @@ def deliver_changes():
     deliver()
 
 
-# Every 5 s: the webhook path delivers in its own run, so this sensor carries what can wait seconds (retries,
-# approvals, a full sync's catch-up); each tick costs the daemon and the code server CPU that the webhook path's runs
-# need on a small host (with a 1 s interval, a reconciliation beside them ran a quarter slower, measured).
+# Every 5 s (what Dagster's own daemon loop gave it anyway): the webhook path delivers in its own run, so this sensor
+# carries what can wait seconds (retries, approvals, a full sync's catch-up), and each tick costs the daemon and the
+# code server CPU that the webhook path's runs need on a small host.
 @dg.sensor(job=deliver_changes, minimum_interval_seconds=5, default_status=dg.DefaultSensorStatus.RUNNING,
            description="Launches a delivery run when changes are ready: new change sets, retries whose backoff "
            "passed, approved or released held changes, dead changes tried again, deliveries whose lease ran out.")
