@@ -92,6 +92,14 @@ class Stack:
         return {**os.environ, "SCIM_PIPELINE_HOME": str(self.home), "DAGSTER_HOME": str(ensure_dagster_home()),
                 "PYTHONUNBUFFERED": "1"}
 
+    def _dagster_instance(self):
+        """The instance, its storage created here first: a webserver and a daemon that both found it missing would
+        create its SQLite databases at once, and one of them fails (two heads in Dagster's migration table)."""
+        import dagster as dg
+
+        ensure_dagster_home()
+        return dg.DagsterInstance.get()
+
     def _dagster_target(self) -> list[str]:
         workspace = Path("workspace.yaml")
         return ["-w", str(workspace)] if workspace.is_file() else ["-m", "scim_pipeline.definitions"]
@@ -99,8 +107,7 @@ class Stack:
     def start_daemon(self, timeout: float = 90.0) -> None:
         """``scim-pipeline daemon run`` (Dagster's daemon, sensors evaluated every half second) on the code location;
         returns once its sensor loop has a heartbeat."""
-        import dagster as dg
-
+        instance = self._dagster_instance()
         (self.home / "logs").mkdir(parents=True, exist_ok=True)
         log = open(self.home / "logs" / "dagster-daemon.log", "ab")
         self.dagster = subprocess.Popen(
@@ -109,7 +116,6 @@ class Stack:
             start_new_session=True,
         )
         log.close()
-        instance = dg.DagsterInstance.get()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.dagster.poll() is not None:
@@ -124,6 +130,7 @@ class Stack:
     def start_dagster(self, port: int = 3000) -> None:
         """What ``dagster dev`` runs, the webserver and the daemon, with the project's workspace and instance
         settings; the daemon is ``scim-pipeline daemon``, whose sensor loop ``dagster dev`` has no way to set."""
+        self._dagster_instance()
         self.webserver = subprocess.Popen(
             [_bin("dagster-webserver"), *self._dagster_target(), "-h", "127.0.0.1", "-p", str(port)],
             env=self._dagster_env(), stdin=subprocess.DEVNULL, start_new_session=True,

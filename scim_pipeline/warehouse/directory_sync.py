@@ -169,9 +169,13 @@ def sync_organizations(
             progress("\n".join(said))
             said.clear()
 
+    put_back: list[Spool] = []  # taken from the queue, left out of a full batch: the first of the next one
+
     def next_ready() -> Spool | None:
         """An organization already listed, without waiting for one."""
         nonlocal remaining
+        if put_back:
+            return put_back.pop()
         while remaining:
             try:
                 future = listed.get_nowait()
@@ -188,15 +192,18 @@ def sync_organizations(
             future.add_done_callback(listed.put)
         remaining = len(futures)
         try:
-            while remaining:
+            while remaining or put_back:
                 # Listing goes on in the pool while this thread writes. Opening, checkpointing and closing DuckDB
                 # costs more than loading a small organization, so every organization already listed is loaded in
                 # the same turn and connection, in batches of one transaction each. The turn ends as soon as none is
                 # ready (the warehouse is never held while listing) or another writer waits (asked every
                 # ASK_EVERY_S): that writer waits for the batch being written (one large organization, or many small
                 # ones), and this sync takes its next turn after it.
-                spool = take(listed.get())
-                remaining -= 1
+                if put_back:
+                    spool = put_back.pop()
+                else:
+                    spool = take(listed.get())
+                    remaining -= 1
                 if spool is None:
                     say()
                     continue
@@ -206,10 +213,10 @@ def sync_organizations(
                     while spool is not None:
                         # The organizations already listed go together, up to LOAD_BATCH_USERS users: the
                         # statements of a load cost the same for one small organization as for a hundred.
-                        batch, users, spool = [spool], spool.users, None
+                        batch, users = [spool], spool.users
                         while users < LOAD_BATCH_USERS and (ready := next_ready()) is not None:
                             if users + ready.users > LOAD_BATCH_USERS:
-                                spool = ready  # the next batch's first
+                                put_back.append(ready)
                                 break
                             batch.append(ready)
                             users += ready.users
@@ -221,7 +228,7 @@ def sync_organizations(
                             if turns.others_waiting():
                                 break
                             asked = time.monotonic()
-                        spool = spool or next_ready()
+                        spool = next_ready()
                 say()
         except BaseException:
             say()
