@@ -29,7 +29,7 @@ from scim_pipeline.provisioning.ledger import (
     revive_dead,
 )
 from scim_pipeline.provisioning.outbox_index import Lease, OutboxIndex
-from scim_pipeline.warehouse.connection import Warehouse
+from scim_pipeline.warehouse.connection import Turns, Warehouse
 from scim_pipeline.warehouse.sql import first_int
 
 
@@ -74,17 +74,22 @@ def deliver_ready(
     now: Callable[[], datetime] = utcnow,
     progress: Callable[[str], None] = print,
     lease: Lease | None = None,
+    turns: Turns | None = None,
 ) -> DeliveryReport:
     """Deliver each organization's ready changes. ``lease``: the outbox claim this delivery works under; each
     organization is released once done, so one this delivery never finishes comes due again when the lease runs
-    out."""
+    out. ``turns``: the delivery's writes (before and after each batch is sent, never while the application is
+    called) wait their turn with the other writers, so that a busy warehouse never starves them."""
     report = DeliveryReport()
+    turns = turns or Turns()
     todo = list(organization_ids)
     while todo:
-        done, again = _deliver_batch(warehouse, client, todo, outbox, policy, now, progress, report, first=True)
+        done, again = _deliver_batch(warehouse, turns, client, todo, outbox, policy, now, progress, report,
+                                     first=True)
         # A second pass sends the dead changes that this pass's answers brought back.
         while again:
-            second, _ = _deliver_batch(warehouse, client, again, outbox, policy, now, progress, report, first=False)
+            second, _ = _deliver_batch(warehouse, turns, client, again, outbox, policy, now, progress, report,
+                                       first=False)
             again = again[len(second):]
         if lease is not None:
             outbox.release(lease, done)
@@ -92,7 +97,7 @@ def deliver_ready(
     return report
 
 
-def _deliver_batch(warehouse, client, orgs, outbox, policy, now, progress, report,
+def _deliver_batch(warehouse, turns, client, orgs, outbox, policy, now, progress, report,
                    first: bool) -> tuple[list[str], list[str]]:
     """One pass over the first organizations of ``orgs`` (as many as make a batch): the organizations done, and
     those of them whose dead changes are due back now."""
@@ -101,7 +106,7 @@ def _deliver_batch(warehouse, client, orgs, outbox, policy, now, progress, repor
     ready: dict[str, list[dict]] = {}
     prepared: dict[str, tuple[int, int]] = {}  # organization -> (revived, replaced)
     marks: list[tuple[str, datetime]] = []
-    with warehouse.write() as con:
+    with turns.turn(), warehouse.write() as con:
         stamp = now()
         # Only changes pending, failed, dead or held are ever prepared or sent: an organization with none has
         # nothing to do (most of them, in a sync where little changed), and is passed over without a statement.
@@ -144,7 +149,7 @@ def _deliver_batch(warehouse, client, orgs, outbox, policy, now, progress, repor
     results = {org: send_changes(client, org, changes, batch_size=policy.batch_size) for org, changes in ready.items()}
     again, said = [], []
     marks = []
-    with warehouse.write() as con:
+    with turns.turn(), warehouse.write() as con:
         stamp = now()
         answered = {org: [r for r in results[org] if r.status in ("applied", "rejected")] for org in ready}
         # The answers of the whole batch at once (they name their changes), then what was not delivered.

@@ -14,6 +14,7 @@ import dagster as dg
 from scim_pipeline.config import settings
 from scim_pipeline.defs.partitions import organizations_partitions
 from scim_pipeline.defs.resources import ApplicationResource
+from scim_pipeline.defs.warehouse_pool import PoolTurns
 from scim_pipeline.lib.clock import utcnow
 from scim_pipeline.provisioning.delivery import DeliveryPolicy, deliver_ready
 from scim_pipeline.provisioning.outbox_index import Lease, OutboxIndex
@@ -40,7 +41,8 @@ def _deliver(context, config: DeliveryConfig, orgs: list[str], lease: Lease, war
     policy = DeliveryPolicy(config.max_attempts, config.backoff_s, batch_size=config.batch_size,
                             dead_cooldown_s=config.dead_cooldown_s)
     with application.client() as client:
-        report = deliver_ready(warehouse, client, orgs, outbox, policy, progress=context.log.info, lease=lease)
+        report = deliver_ready(warehouse, client, orgs, outbox, policy, progress=context.log.info, lease=lease,
+                               turns=PoolTurns.of(context))
     if report.dead:
         context.log.error(f"{report.dead} change(s) are dead: see `scim-pipeline changes --status dead`; they are "
                           "tried again after the next successful delivery, at the next full sync, or with "
@@ -54,8 +56,9 @@ def _deliver(context, config: DeliveryConfig, orgs: list[str], lease: Lease, war
     }, report.organizations
 
 
-# No warehouse pool: delivery talks to the application for seconds (minutes when it is down and retried), and its
-# writes are short transactions that wait for the file's lock, so syncs are never held up behind an application.
+# No ``pool`` for the step: delivery talks to the application for seconds (minutes when it is down and retried), and
+# takes the pool's slot only for its short writes before and after (PoolTurns), so syncs are never held up behind an
+# application, and a warehouse busy with other writers serves its writes in turn instead of starving them.
 @dg.asset(
     deps=["change_sets"],
     partitions_def=organizations_partitions,
