@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 
 from scim_pipeline import config
-from scim_pipeline.defs.instance import ensure_dagster_home
+from scim_pipeline.defs.instance import dagster_instance, ensure_dagster_home
 from scim_pipeline.devstack import services
 
 
@@ -92,14 +92,6 @@ class Stack:
         return {**os.environ, "SCIM_PIPELINE_HOME": str(self.home), "DAGSTER_HOME": str(ensure_dagster_home()),
                 "PYTHONUNBUFFERED": "1"}
 
-    def _dagster_instance(self):
-        """The instance, its storage created here first: a webserver and a daemon that both found it missing would
-        create its SQLite databases at once, and one of them fails (two heads in Dagster's migration table)."""
-        import dagster as dg
-
-        ensure_dagster_home()
-        return dg.DagsterInstance.get()
-
     def _dagster_target(self) -> list[str]:
         workspace = Path("workspace.yaml")
         return ["-w", str(workspace)] if workspace.is_file() else ["-m", "scim_pipeline.definitions"]
@@ -107,7 +99,9 @@ class Stack:
     def start_daemon(self, timeout: float = 90.0) -> None:
         """``scim-pipeline daemon run`` (Dagster's daemon, sensors evaluated every half second) on the code location;
         returns once its sensor loop has a heartbeat."""
-        instance = self._dagster_instance()
+        # The instance's storage is created here, before any Dagster process starts: a webserver and a daemon that
+        # both found it missing would create its SQLite databases at once, and one of them fails.
+        instance = dagster_instance()
         (self.home / "logs").mkdir(parents=True, exist_ok=True)
         log = open(self.home / "logs" / "dagster-daemon.log", "ab")
         self.dagster = subprocess.Popen(
@@ -125,12 +119,12 @@ class Stack:
             if "SENSOR" in beats:
                 return
             time.sleep(0.5)
-        raise RuntimeError("the Dagster daemon did not start within {timeout:.0f}s")
+        raise RuntimeError(f"the Dagster daemon did not start within {timeout:.0f}s")
 
     def start_dagster(self, port: int = 3000) -> None:
         """What ``dagster dev`` runs, the webserver and the daemon, with the project's workspace and instance
         settings; the daemon is ``scim-pipeline daemon``, whose sensor loop ``dagster dev`` has no way to set."""
-        self._dagster_instance()
+        dagster_instance()  # its storage first, as in start_daemon
         self.webserver = subprocess.Popen(
             [_bin("dagster-webserver"), *self._dagster_target(), "-h", "127.0.0.1", "-p", str(port)],
             env=self._dagster_env(), stdin=subprocess.DEVNULL, start_new_session=True,

@@ -114,12 +114,14 @@ def _deliver_batch(warehouse, turns, client, orgs, outbox, policy, now, progress
             "SELECT organization_id, count(*) FROM change_sets WHERE list_contains($orgs, organization_id) "
             "AND status IN ('pending', 'failed', 'dead', 'held') GROUP BY 1", {"orgs": orgs}).fetchall())
         batch: list[str] = []
+        batch_changes = 0  # pending to held, of the batch's organizations
         for org in orgs:
-            if batch and (len(batch) >= BATCH_ORGANIZATIONS or sum(active[o] for o in batch) >= BATCH_CHANGES):
+            if batch and (len(batch) >= BATCH_ORGANIZATIONS or batch_changes >= BATCH_CHANGES):
                 break
             done.append(org)
             if org in active:
                 batch.append(org)
+                batch_changes += active[org]
         if batch:
             # Each step is one statement for the whole batch: a small organization's delivery costs less than
             # a statement.
