@@ -9,8 +9,14 @@ listing are left alone.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -86,6 +92,58 @@ class Spool:
 
     def remove(self) -> None:
         shutil.rmtree(_inside(self.root, self.organization_id), ignore_errors=True)
+
+
+OWNER_LOCK = ".owner"  # held (flock) by the sync a spool folder belongs to, for as long as it runs
+UNLOCKED_GRACE_S = 60
+
+
+@contextmanager
+def sync_spool(spool_root: Path) -> Iterator[Path]:
+    """A folder of this sync's own under ``spool_root`` for its spools, removed when the sync ends.
+
+    Two syncs may list the same organization at once (a reconciliation and ``scim-pipeline sync``): in a shared
+    folder, one would remove or truncate the spool the other is writing. A sync killed before its end leaves its
+    folder; the next sync removes every folder whose owner's lock is free, since the kernel frees a lock when its
+    process dies."""
+    spool_root.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="sync-", dir=spool_root))
+    owner = os.open(folder / OWNER_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(owner, fcntl.LOCK_EX)
+        _remove_abandoned(spool_root, keep=folder)
+        yield folder
+    finally:
+        os.close(owner)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _remove_abandoned(spool_root: Path, keep: Path) -> None:
+    for folder in spool_root.iterdir():
+        if folder == keep or folder.is_symlink() or not folder.is_dir():
+            continue
+        lock = folder / OWNER_LOCK
+        if not lock.exists():
+            # A sync creates its folder, then its lock: a folder without one is a moment old (left alone) or was
+            # left long ago (by a sync that died in between, or a version that shared one folder for all syncs).
+            try:
+                if time.time() - folder.stat().st_mtime > UNLOCKED_GRACE_S:
+                    shutil.rmtree(folder, ignore_errors=True)
+            except FileNotFoundError:
+                pass
+            continue
+        try:
+            probe = os.open(lock, os.O_RDONLY)
+        except OSError:
+            continue  # its owner removed it meanwhile
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # its sync runs
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            os.close(probe)
 
 
 def _inside(root: Path, name: str) -> Path:

@@ -22,6 +22,7 @@ from scim_pipeline.warehouse.directory import (
     Spool,
     forget_organization,
     load_snapshots,
+    sync_spool,
     upsert_directories,
 )
 
@@ -109,12 +110,13 @@ def sync_organizations(
     credentials or cannot be reached at all is raised at once, since no organization can succeed."""
     report = SyncReport()
     api.client  # authenticate once up front: bad credentials or an unreachable Scalekit fail here, clearly
-    total = len(organization_ids)
     # An id that is not an organization's (a partition added before ids were checked) names no spool folder.
     for org in organization_ids:
         if not ids.ORGANIZATION.matches(org):
             report.failed[org] = f"not synced: {ids.shown(org)} is not a Scalekit organization id"
-    organization_ids = [org for org in organization_ids if org not in report.failed]
+    # Once each: two listings of one organization would share its spool folder.
+    organization_ids = list(dict.fromkeys(org for org in organization_ids if org not in report.failed))
+    total = len(report.failed) + len(organization_ids)
     listed: queue.Queue[Future] = queue.Queue()
     stop = threading.Event()
     turns = turns or Turns()
@@ -186,8 +188,9 @@ def sync_organizations(
                 return spool
         return None
 
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, total or 1)), thread_name_prefix="listing") as lister:
-        futures = {lister.submit(list_organization, api, org, spool_root, stop): org for org in organization_ids}
+    with sync_spool(spool_root) as own_spool, ThreadPoolExecutor(
+            max_workers=max(1, min(workers, total or 1)), thread_name_prefix="listing") as lister:
+        futures = {lister.submit(list_organization, api, org, own_spool, stop): org for org in organization_ids}
         for future in futures:
             future.add_done_callback(listed.put)
         remaining = len(futures)
