@@ -11,6 +11,9 @@ the webhook alone takes to be durably accepted by the receiver.
 progress at any moment of the probe: p50, p95 and max of each, in the same run (targets: p95 <= 10 s and max <= 15 s
 under reconciliation, p50 <= 5 s quiet).
 
+Both print where the time went, per stage (p50/p95): stored (mutation -> inbox), sensor (-> run created), queue (->
+dequeued and launched), worker (-> the run's process is up), run (-> seen in the application).
+
     .venv/bin/python bench/latency.py [--probes 20] [--gap 2] [--under-reconciliation] [--orgs N] [--users N]
 """
 
@@ -21,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -74,7 +78,7 @@ def main() -> int:
         inbox = Inbox(home / "inbox.sqlite")
         users = [{**u, "org": o["id"]} for o in stack.truth()["organizations"] for u in o["users"]]
         rng = random.Random(1)
-        totals, accepted, spans = [], [], []
+        totals, accepted, spans, probed = [], [], [], []
         for user in rng.sample(users, args.probes):
             want = not user["active"]
             seq = inbox.last_seq()
@@ -90,6 +94,7 @@ def main() -> int:
                     totals.append(time.monotonic() - started)
                     accepted.append(stored if stored is not None else totals[-1])
                     spans.append((wall, wall + totals[-1]))
+                    probed.append(user["org"])
                     break
                 time.sleep(0.25)
             else:
@@ -99,6 +104,8 @@ def main() -> int:
             time.sleep(args.gap)
 
         reconciling = reconciliation_spans(instance) if under else []
+        stages = stage_times(instance, probed, spans, accepted)
+    report_stages(stages, [any(s < b and a < e for s, e in reconciling) for a, b in spans])
     if under:
         return report_under_reconciliation(totals, spans, reconciling)
     p50, p95 = statistics.median(totals), percentile(totals, 0.95)
@@ -109,6 +116,45 @@ def main() -> int:
     print(f"ratio p50 / floor:                  {p50 / floor:.0f}x (a sensor tick, a run start-up, the run itself)")
     print(f"targets: p50 < 10 s {'PASS' if p50 < 10 else 'FAIL'}, p95 < 15 s {'PASS' if p95 < 15 else 'FAIL'}")
     return 0
+
+
+STAGES = ("stored", "sensor", "queue", "worker", "run")
+
+
+def stage_times(instance, orgs: list[str], spans: list[tuple[float, float]], accepted: list[float]
+                ) -> list[dict[str, float] | None]:
+    """Where each probe's time went, from its organization's first webhook run created after the webhook was
+    stored: stored (mutation -> inbox), sensor (-> run created), queue (-> dequeued and launched), worker (-> the
+    run's process has loaded the code location and starts), run (-> seen in the application)."""
+    import dagster as dg
+
+    found = []
+    for org, (wall, seen), stored in zip(orgs, spans, accepted):
+        inboxed = wall + stored
+        records = instance.get_run_records(dg.RunsFilter(job_name="directory_events", tags={"dagster/partition": org},
+                                                          created_after=datetime.fromtimestamp(inboxed - 1, UTC)))
+        records = sorted((r for r in records if r.start_time), key=lambda r: r.create_timestamp)
+        if not records:
+            found.append(None)
+            continue
+        record = records[0]
+        created = record.create_timestamp.timestamp()
+        launched = [e.timestamp for e in instance.all_logs(record.dagster_run.run_id,
+                                                           of_type=dg.DagsterEventType.RUN_STARTING)]
+        launched_at = launched[0] if launched else created
+        found.append({"stored": stored, "sensor": created - inboxed, "queue": launched_at - created,
+                      "worker": record.start_time - launched_at, "run": seen - record.start_time})
+    return found
+
+
+def report_stages(stages: list[dict[str, float] | None], busy: list[bool]) -> None:
+    print()
+    for label, want in (("quiet", False), ("under reconciliation", True)):
+        rows = [s for s, b in zip(stages, busy) if s is not None and b == want]
+        if rows:
+            parts = "   ".join(f"{name} {statistics.median(r[name] for r in rows):4.1f}/"
+                               f"{percentile([r[name] for r in rows], 0.95):4.1f}" for name in STAGES)
+            print(f"stages, {label + ',':22s} p50/p95 s: {parts}")
 
 
 def reconciliation_spans(instance) -> list[tuple[float, float]]:

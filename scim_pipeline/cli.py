@@ -23,10 +23,13 @@ COMMANDS = {
     "demo": "scim_pipeline.devstack.demo:demo_from_cli",
     "dev": "scim_pipeline.devstack.demo:dev_from_cli",
     "daemon": "scim_pipeline.daemon:daemon_from_cli",
+    "code-server": "scim_pipeline.code_server:code_server_from_cli",
 }
 # Commands that use the Dagster instance or the webhook inbox: with SCIM_PIPELINE_POSTGRES_URL set, the database is
 # checked before they start, so that a wrong password is one line now and not a traceback in the middle of a run.
-USE_POSTGRES = {"webhooks", "sync", "dev", "daemon"}
+USE_POSTGRES = {"webhooks", "sync", "dev", "daemon", "code-server"}
+# Dagster's own commands, with a setting of ours: their arguments go to Dagster untouched (``--help`` is Dagster's).
+DAGSTER_COMMANDS = {"daemon", "code-server"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "SCIM_PIPELINE_SENSOR_LOOP_S seconds (default 0.5) instead of 5")
     p.add_argument("dagster_args", nargs=argparse.REMAINDER, metavar="ARGS",
                    help="dagster-daemon's arguments, e.g. run -w workspace.yaml")
+    p = sub.add_parser("code-server", help="Dagster's code server for the code location (dagster api grpc, same "
+                       "arguments), its runs started as forks of a process that imported the code location once")
+    p.add_argument("dagster_args", nargs=argparse.REMAINDER, metavar="ARGS",
+                   help="dagster api grpc's arguments, e.g. -h 0.0.0.0 -p 4000 (-m scim_pipeline.definitions "
+                        "unless they name a code location)")
     return parser
 
 
@@ -107,7 +115,12 @@ def _quiet_library_warnings() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DAGSTER_COMMANDS:
+        # Every argument is Dagster's, options included (``-h`` is code-server's host): argparse would take some.
+        args = argparse.Namespace(command=argv[0], dagster_args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     _quiet_library_warnings()
     module_name, func_name = COMMANDS[args.command].split(":")
     try:

@@ -1,6 +1,6 @@
 """The embedded stack of an installation: Scalekit emulator, webhook receiver, demo application, and Dagster (the
-daemon, and for ``dev`` the webserver too), each in a process of its own, started in dependency order and stopped in
-reverse.
+code server, the daemon, and for ``dev`` the webserver too), each in a process of its own, started in dependency
+order and stopped in reverse.
 
 Used by ``demo`` and ``dev`` and by the end-to-end tests, so they run exactly what a user runs.
 """
@@ -21,6 +21,8 @@ from scim_pipeline import config
 from scim_pipeline.defs.instance import dagster_instance, ensure_dagster_home
 from scim_pipeline.devstack import services
 
+LOCATION_NAME = "scim_pipeline"  # the code location's name in the UI, as workspace.yaml names it
+
 
 class Stack:
     def __init__(self, home: Path):
@@ -32,6 +34,8 @@ class Stack:
         self.scim2 = None  # a Scim2App, when the application is a SCIM 2.0 server
         self.dagster: subprocess.Popen | None = None  # the Dagster daemon
         self.webserver: subprocess.Popen | None = None
+        self.code_server: subprocess.Popen | None = None
+        self.workspace: Path | None = None  # the workspace file naming the code server, once it runs
         self.emulator_env: dict[str, str] = {}
         self._http: httpx.Client | None = None
 
@@ -92,20 +96,58 @@ class Stack:
         return {**os.environ, "SCIM_PIPELINE_HOME": str(self.home), "DAGSTER_HOME": str(ensure_dagster_home()),
                 "PYTHONUNBUFFERED": "1"}
 
+    def start_code_server(self, timeout: float = 90.0) -> Path:
+        """``scim-pipeline code-server`` (the code location over gRPC, its runs forked from a process that imported
+        it once) on a free port, and a workspace file naming it (returned) for the webserver and the daemon: one
+        code server for both, as in a deployment. Returns once it answers."""
+        from dagster._grpc.client import DagsterGrpcClient
+
+        port = services.free_port()
+        log = self._log("dagster-code-server")
+        self.code_server = subprocess.Popen(
+            [_bin("scim-pipeline"), "code-server", "-h", "127.0.0.1", "-p", str(port), "--location-name",
+             LOCATION_NAME],
+            env=self._dagster_env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
+        client = DagsterGrpcClient(port=port, host="127.0.0.1")
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.code_server.poll() is not None:
+                raise RuntimeError(f"the Dagster code server exited with code {self.code_server.returncode}; "
+                                   f"see {self.home / 'logs' / 'dagster-code-server.log'}")
+            try:
+                client.ping("ready")
+                break
+            except Exception:  # not listening yet, or still loading the code location
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the Dagster code server did not answer within {timeout:.0f}s") from None
+                time.sleep(0.3)
+        self.workspace = self.home / "dagster-workspace.yaml"
+        self.workspace.write_text(f"load_from:\n  - grpc_server:\n      host: 127.0.0.1\n      port: {port}\n"
+                                  f"      location_name: {LOCATION_NAME}\n")
+        return self.workspace
+
+    def _log(self, name: str):
+        (self.home / "logs").mkdir(parents=True, exist_ok=True)
+        return open(self.home / "logs" / f"{name}.log", "ab")
+
     def _dagster_target(self) -> list[str]:
-        workspace = Path("workspace.yaml")
-        return ["-w", str(workspace)] if workspace.is_file() else ["-m", "scim_pipeline.definitions"]
+        if self.workspace is None:
+            self.start_code_server()
+        return ["-w", str(self.workspace)]
 
     def start_daemon(self, timeout: float = 90.0) -> None:
-        """``scim-pipeline daemon run`` (Dagster's daemon, sensors evaluated every half second) on the code location;
-        returns once its sensor loop has a heartbeat."""
+        """``scim-pipeline daemon run`` (Dagster's daemon, sensors evaluated every half second) on the code server
+        (started first if it is not running); returns once its sensor loop has a heartbeat."""
         # The instance's storage is created here, before any Dagster process starts: a webserver and a daemon that
         # both found it missing would create its SQLite databases at once, and one of them fails.
         instance = dagster_instance()
-        (self.home / "logs").mkdir(parents=True, exist_ok=True)
-        log = open(self.home / "logs" / "dagster-daemon.log", "ab")
+        target = self._dagster_target()
+        log = self._log("dagster-daemon")
         self.dagster = subprocess.Popen(
-            [_bin("scim-pipeline"), "daemon", "run", *self._dagster_target()],
+            [_bin("scim-pipeline"), "daemon", "run", *target],
             env=self._dagster_env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
@@ -125,21 +167,23 @@ class Stack:
         """What ``dagster dev`` runs, the webserver and the daemon, with the project's workspace and instance
         settings; the daemon is ``scim-pipeline daemon``, whose sensor loop ``dagster dev`` has no way to set."""
         dagster_instance()  # its storage first, as in start_daemon
+        target = self._dagster_target()
         self.webserver = subprocess.Popen(
-            [_bin("dagster-webserver"), *self._dagster_target(), "-h", "127.0.0.1", "-p", str(port)],
+            [_bin("dagster-webserver"), *target, "-h", "127.0.0.1", "-p", str(port)],
             env=self._dagster_env(), stdin=subprocess.DEVNULL, start_new_session=True,
         )
         self.start_daemon()
 
     def dagster_running(self) -> bool:
-        return all(p.poll() is None for p in (self.dagster, self.webserver) if p is not None)
+        return all(p.poll() is None for p in (self.dagster, self.webserver, self.code_server) if p is not None)
 
     # --- lifecycle ------------------------------------------------------------------------------------------------------
 
     def stop(self) -> None:
         if self._http is not None:
             self._http.close()
-        for process in (self.dagster, self.webserver):
+        # The code server last: its group holds the runs in progress.
+        for process in (self.dagster, self.webserver, self.code_server):
             if process is not None and process.poll() is None:
                 _stop_group(process)
         for service in reversed(self.services):

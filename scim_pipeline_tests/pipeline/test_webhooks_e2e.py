@@ -2,6 +2,7 @@
 the Dagster daemon) -> incremental run -> change sets -> delivery sensor -> delivery run -> demo application."""
 
 import os
+import subprocess
 import time
 
 import dagster as dg
@@ -120,9 +121,10 @@ def test_a_new_organization_is_onboarded_under_the_daemon(stack):
     wait_for(lambda: not differences(stack.app_state(), stack.truth(), mapping), 30)
 
 
-def test_dev_runs_the_ui_beside_the_daemon_and_stops_both(stack):
-    """``scim-pipeline dev``'s Dagster: the webserver answers and the daemon beats; stopping the stack ends both
-    process groups (the code servers they started with them)."""
+def test_dev_runs_the_ui_beside_the_daemon_on_one_code_server_and_stops_them(stack):
+    """``scim-pipeline dev``'s Dagster: the webserver answers and the daemon beats, both on the one code server,
+    whose fork server (run processes start from it) has imported the code location; stopping the stack ends all
+    three process groups."""
     import httpx
 
     from scim_pipeline.devstack.services import free_port
@@ -139,9 +141,13 @@ def test_dev_runs_the_ui_beside_the_daemon_and_stops_both(stack):
 
     wait_for(answers, 90, interval=0.5)
     assert "SENSOR" in instance.get_daemon_heartbeats() and stack.dagster_running()
-    groups = [stack.dagster.pid, stack.webserver.pid]
+    assert "grpc_server" in stack.workspace.read_text()
+    children = subprocess.run(["ps", "-ww", "-o", "args=", "--ppid", str(stack.code_server.pid)], capture_output=True,
+                              text=True).stdout
+    assert "multiprocessing.forkserver" in children and "scim_pipeline.definitions" in children, children
+    groups = [stack.dagster.pid, stack.webserver.pid, stack.code_server.pid]
     stack.stop()
-    assert stack.dagster.poll() is not None and stack.webserver.poll() is not None
+    assert all(p.poll() is not None for p in (stack.dagster, stack.webserver, stack.code_server))
 
     def gone(group: int) -> bool:
         try:
@@ -150,5 +156,5 @@ def test_dev_runs_the_ui_beside_the_daemon_and_stops_both(stack):
             return True
         return False
 
-    for group in groups:  # the code servers leave moments after the processes that started them
+    for group in groups:  # a group's last processes (the fork server) leave moments after its leader
         wait_for(lambda: gone(group), 30)
