@@ -2,6 +2,10 @@
 
 import datetime as dt
 import json
+import os
+import subprocess
+import sys
+import uuid
 
 import dagster as dg
 from scalekit.v1.directories.directories_pb2 import CreateDirectory, DirectoryProvider, DirectoryType
@@ -115,6 +119,47 @@ def test_reconciliation_covers_every_organization_in_batched_single_runs(home, m
     assert [(r.tags[RANGE_START], r.tags[RANGE_END]) for r in requests] == [
         ("org_0000", "org_0049"), ("org_0050", "org_0099"), ("org_0100", "org_0119")]
     assert len({r.run_key for r in requests}) == 3
+
+
+def test_a_reconciliation_still_running_is_not_joined_by_the_next(home):
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(organizations_partitions.name, ["org_0001", "org_0002"])
+        context = dg.build_schedule_context(instance=instance, scheduled_execution_time=dt.datetime(2026, 11, 28, 3))
+        started = dg.DagsterRunStatus.STARTED
+        running = instance.add_run(dg.DagsterRun(job_name="directory_sync", run_id=str(uuid.uuid4()), status=started,
+                                                 tags={"scim_pipeline/trigger": "reconciliation"}))
+        # A first sync of a new organization (discovery) does not hold a reconciliation back.
+        instance.add_run(dg.DagsterRun(job_name="directory_sync", run_id=str(uuid.uuid4()), status=started,
+                                       tags={"scim_pipeline/trigger": "discovery"}))
+        skipped = reconciliation_schedule(context)
+        assert isinstance(skipped, dg.SkipReason) and running.run_id in skipped.skip_message
+        instance.report_run_failed(running, "its process died")
+        requests = reconciliation_schedule(context)
+    assert len(requests) == 1 and requests[0].tags["scim_pipeline/trigger"] == "reconciliation"
+
+
+NICENESS = """
+import os, dagster as dg
+from scim_pipeline.defs.directory.automation import yield_cpu_if_reconciling
+run = dg.DagsterRun(job_name="directory_sync", tags={"scim_pipeline/trigger": "%s"})
+print(yield_cpu_if_reconciling(run), yield_cpu_if_reconciling(run), os.nice(0))
+"""
+
+
+def test_a_reconciliation_run_gives_way_on_the_cpu_and_no_other_run_does(home):
+    def niceness(trigger: str, **env) -> list[str]:
+        done = subprocess.run([sys.executable, "-c", NICENESS % trigger], capture_output=True, text=True,
+                              timeout=120, env={**os.environ, **env})
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.split()
+
+    assert niceness("reconciliation") == ["10", "10", "10"]  # lowered once, whatever the number of calls
+    assert niceness("reconciliation", SCIM_PIPELINE_RECONCILE_NICE="3") == ["3", "3", "3"]
+    assert niceness("reconciliation", SCIM_PIPELINE_RECONCILE_NICE="0") == ["0", "0", "0"]
+    assert niceness("webhook") == ["0", "0", "0"]
+    done = subprocess.run([sys.executable, "-c", NICENESS % "reconciliation"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "SCIM_PIPELINE_RECONCILE_NICE": "20"})
+    assert done.returncode != 0 and "SCIM_PIPELINE_RECONCILE_NICE is malformed" in done.stderr
 
 
 def test_webhook_sensor_groups_new_events_by_organization(home):

@@ -19,6 +19,13 @@ DEFAULT_RECONCILE_CRON = "0 3 * * *"  # daily, at night
 RUN_BATCH_VAR = "SCIM_PIPELINE_ORGS_PER_RUN"
 DEFAULT_ORGS_PER_RUN = 1000  # a run costs seconds of bookkeeping, and holds the warehouse only while it writes
 
+TRIGGER_TAG = "scim_pipeline/trigger"
+RECONCILIATION = "reconciliation"
+UNFINISHED = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+              dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
+RECONCILE_NICE_VAR = "SCIM_PIPELINE_RECONCILE_NICE"
+DEFAULT_RECONCILE_NICE = 10
+
 RANGE_START = "dagster/asset_partition_range_start"
 RANGE_END = "dagster/asset_partition_range_end"
 
@@ -44,6 +51,27 @@ def orgs_per_run() -> int:
     """Organizations per full-sync run, from SCIM_PIPELINE_ORGS_PER_RUN (a whole number, at least 1)."""
     return number_setting(RUN_BATCH_VAR, DEFAULT_ORGS_PER_RUN, "a whole number of at least 1", lambda n: n >= 1,
                           parse=int)
+
+
+def reconcile_nice() -> int:
+    """How much lower a reconciliation run's CPU priority is (niceness, 0-19), from SCIM_PIPELINE_RECONCILE_NICE."""
+    return number_setting(RECONCILE_NICE_VAR, DEFAULT_RECONCILE_NICE, "a whole number from 0 to 19",
+                          lambda n: 0 <= n <= 19, parse=int)
+
+
+def yield_cpu_if_reconciling(run: dg.DagsterRun) -> int:
+    """Lower this process's CPU priority when it executes a reconciliation run, and return by how much.
+
+    A reconciliation is background work: re-reading every directory may take minutes of CPU, and on a host that
+    also runs the webhook path's runs, those wait for a core behind it. At niceness 10 the kernel gives a webhook
+    run about ten times the reconciliation's share while both want the CPU, and the reconciliation all of it
+    otherwise; it is never starved, only made to give way. Each run has a process of its own (a run worker, never
+    ``scim-pipeline sync``'s process, whose runs are never reconciliations), so the priority goes with the run."""
+    nice = reconcile_nice() if run.tags.get(TRIGGER_TAG) == RECONCILIATION else 0
+    current = os.nice(0)
+    if nice > current:  # never twice: a process that executes runs one after the other keeps its niceness
+        os.nice(nice - current)
+    return nice
 
 
 def range_tags(first: str, last: str) -> dict[str, str]:
@@ -101,7 +129,7 @@ def discover_organizations(context: dg.SensorEvaluationContext, scalekit: Scalek
 
 def _sync(org: str, run_key: str, trigger: str) -> dg.RunRequest:
     return dg.RunRequest(job_name="directory_sync", partition_key=org, run_key=run_key,
-                         tags={"scim_pipeline/trigger": trigger})
+                         tags={TRIGGER_TAG: trigger})
 
 
 def _read_cursor(cursor: str | None) -> tuple[str | None, dict[str, list[str]] | None]:
@@ -125,10 +153,17 @@ def reconciliation_schedule(context: dg.ScheduleEvaluationContext):
     keys = list(context.instance.get_dynamic_partitions(organizations_partitions.name))
     if not keys:
         return dg.SkipReason("no organizations yet: the discovery sensor adds them")
+    # A reconciliation that outlasts the schedule's interval is not joined by a second one re-reading the same
+    # directories: both would run slower, then the next would join them.
+    unfinished = context.instance.get_run_records(
+        dg.RunsFilter(job_name=directory_sync_job.name, tags={TRIGGER_TAG: RECONCILIATION},
+                      statuses=UNFINISHED), limit=1)
+    if unfinished:
+        return dg.SkipReason(f"the last reconciliation is still running (run {unfinished[0].dagster_run.run_id})")
     per_run = orgs_per_run()
     stamp = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else "now"
     return [
         dg.RunRequest(run_key=f"reconcile:{stamp}:{first}..{last}",
-                      tags={**range_tags(first, last), "scim_pipeline/trigger": "reconciliation"})
+                      tags={**range_tags(first, last), TRIGGER_TAG: RECONCILIATION})
         for first, last in partition_ranges(keys, None, per_run)
     ]
