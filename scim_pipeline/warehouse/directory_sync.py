@@ -5,6 +5,7 @@ Plain functions; the Dagster assets call them."""
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -102,9 +103,11 @@ def sync_organizations(
     workers: int = 8,
     progress: Callable[[str], None] = log.info,
     turns: Turns | None = None,
+    listing_nice: int = 0,
 ) -> SyncReport:
     """List every organization (``workers`` at a time, in threads) and load each as soon as it is listed, in a turn
-    at the warehouse (``turns``) that ends when no organization is ready to load or another writer waits.
+    at the warehouse (``turns``) that ends when no organization is ready to load or another writer waits. The
+    listing threads run at CPU niceness ``listing_nice``; this thread, which writes, keeps its own.
 
     One organization failing (or having no directory) never stops the others; a Scalekit that refuses our
     credentials or cannot be reached at all is raised at once, since no organization can succeed."""
@@ -189,7 +192,8 @@ def sync_organizations(
         return None
 
     with sync_spool(spool_root) as own_spool, ThreadPoolExecutor(
-            max_workers=max(1, min(workers, total or 1)), thread_name_prefix="listing") as lister:
+            max_workers=max(1, min(workers, total or 1)), thread_name_prefix="listing",
+            initializer=_lower_priority, initargs=(listing_nice,)) as lister:
         futures = {lister.submit(list_organization, api, org, own_spool, stop): org for org in organization_ids}
         for future in futures:
             future.add_done_callback(listed.put)
@@ -241,6 +245,13 @@ def sync_organizations(
             lister.shutdown(wait=False, cancel_futures=True)
             raise
     return report
+
+
+def _lower_priority(nice: int) -> None:
+    """Raise the calling thread's niceness by ``nice``: on Linux a thread's priority is its own (``nice(2)`` acts on
+    the calling thread), so the thread that writes, holding the warehouse, keeps its priority."""
+    if nice:
+        os.nice(nice)
 
 
 def tune(con) -> None:

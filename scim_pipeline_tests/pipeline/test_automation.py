@@ -2,20 +2,19 @@
 
 import datetime as dt
 import json
-import os
-import subprocess
-import sys
 import uuid
 
 import dagster as dg
+import pytest
 from scalekit.v1.directories.directories_pb2 import CreateDirectory, DirectoryProvider, DirectoryType
 from scalekit.v1.organizations.organizations_pb2 import CreateOrganization
 
-from scim_pipeline.config import settings
+from scim_pipeline.config import ConfigError, settings
 from scim_pipeline.defs.directory.automation import (
     RANGE_END,
     RANGE_START,
     discover_organizations,
+    listing_nice,
     partition_ranges,
     reconciliation_schedule,
 )
@@ -138,28 +137,18 @@ def test_a_reconciliation_still_running_is_not_joined_by_the_next(home):
     assert len(requests) == 1 and requests[0].tags["scim_pipeline/trigger"] == "reconciliation"
 
 
-NICENESS = """
-import os, dagster as dg
-from scim_pipeline.defs.directory.automation import yield_cpu_if_reconciling
-run = dg.DagsterRun(job_name="directory_sync", tags={"scim_pipeline/trigger": "%s"})
-print(yield_cpu_if_reconciling(run), yield_cpu_if_reconciling(run), os.nice(0))
-"""
+def test_a_reconciliations_listing_gives_way_on_the_cpu_and_no_other_runs(monkeypatch):
+    def run(trigger: str) -> dg.DagsterRun:
+        return dg.DagsterRun(job_name="directory_sync", tags={"scim_pipeline/trigger": trigger})
 
-
-def test_a_reconciliation_run_gives_way_on_the_cpu_and_no_other_run_does(home):
-    def niceness(trigger: str, **env) -> list[str]:
-        done = subprocess.run([sys.executable, "-c", NICENESS % trigger], capture_output=True, text=True,
-                              timeout=120, env={**os.environ, **env})
-        assert done.returncode == 0, done.stderr[-2000:]
-        return done.stdout.split()
-
-    assert niceness("reconciliation") == ["10", "10", "10"]  # lowered once, whatever the number of calls
-    assert niceness("reconciliation", SCIM_PIPELINE_RECONCILE_NICE="3") == ["3", "3", "3"]
-    assert niceness("reconciliation", SCIM_PIPELINE_RECONCILE_NICE="0") == ["0", "0", "0"]
-    assert niceness("webhook") == ["0", "0", "0"]
-    done = subprocess.run([sys.executable, "-c", NICENESS % "reconciliation"], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "SCIM_PIPELINE_RECONCILE_NICE": "20"})
-    assert done.returncode != 0 and "SCIM_PIPELINE_RECONCILE_NICE is malformed" in done.stderr
+    assert listing_nice(run("reconciliation")) == 10
+    assert listing_nice(run("discovery")) == listing_nice(run("webhook")) == 0
+    monkeypatch.setenv("SCIM_PIPELINE_RECONCILE_NICE", "0")
+    assert listing_nice(run("reconciliation")) == 0
+    for bad in ("20", "-1", "low"):
+        monkeypatch.setenv("SCIM_PIPELINE_RECONCILE_NICE", bad)
+        with pytest.raises(ConfigError, match="SCIM_PIPELINE_RECONCILE_NICE is malformed"):
+            listing_nice(run("reconciliation"))
 
 
 def test_webhook_sensor_groups_new_events_by_organization(home):

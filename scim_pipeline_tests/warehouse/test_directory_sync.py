@@ -115,3 +115,24 @@ def test_an_organization_named_twice_is_synced_once(emulator, tmp_path):
                                 progress=lines.append)
     assert not report.failed and report.synced[org].users == 10
     assert "[1/1]" in "\n".join(lines)
+
+
+class ThreadNiceness(DirectoryAPI):
+    """The real API, noting the niceness of each thread that lists users."""
+
+    seen: set[int] = set()
+
+    def user_pages(self, *args, **kwargs):
+        self.seen.add(os.getpriority(os.PRIO_PROCESS, 0))  # on Linux: the calling thread's
+        return super().user_pages(*args, **kwargs)
+
+
+def test_the_listing_threads_give_way_on_the_cpu_and_the_writing_thread_keeps_its_priority(emulator, tmp_path):
+    api = ThreadNiceness(settings().scalekit())
+    orgs = [o["organization_id"] for o in api.organizations()]
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    report = sync_organizations(api, Warehouse(tmp_path / "w.duckdb"), orgs, tmp_path / "spool", workers=2,
+                                listing_nice=7)
+    assert not report.failed and len(report.synced) == len(orgs)
+    assert api.seen == {before + 7}
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before  # this thread wrote every organization

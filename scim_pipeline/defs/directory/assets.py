@@ -14,7 +14,7 @@ step: a full sync lists Scalekit for minutes, and the webhook path's runs write 
 import dagster as dg
 
 from scim_pipeline.config import settings
-from scim_pipeline.defs.directory.automation import yield_cpu_if_reconciling
+from scim_pipeline.defs.directory.automation import listing_nice
 from scim_pipeline.defs.metadata import count, preview
 from scim_pipeline.defs.partitions import WAREHOUSE_POOL, organizations_partitions
 from scim_pipeline.defs.resources import ScalekitResource
@@ -123,11 +123,12 @@ def directory_snapshot(
             context.log.info(f"{len(to_sync)} organization(s) have users of an unknown directory: syncing in full")
             metadata["organizations_resynced"] = len(to_sync)
     if to_sync:
-        if nice := yield_cpu_if_reconciling(context.run):
-            context.log.info(f"a reconciliation: listing and loading at CPU niceness {nice}, behind webhook runs")
+        if nice := listing_nice(context.run):
+            context.log.info(f"a reconciliation: listing at CPU niceness {nice}, behind the webhook path's runs")
         try:
             report = sync_organizations(scalekit.api(), warehouse, to_sync, settings().home / "spool",
-                                        workers=config.workers, progress=context.log.info, turns=turns)
+                                        workers=config.workers, progress=context.log.info, turns=turns,
+                                        listing_nice=nice)
         except ScalekitError as exc:
             raise dg.Failure(description=str(exc)) from exc
         for org in report.deleted:

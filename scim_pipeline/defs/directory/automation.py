@@ -59,19 +59,15 @@ def reconcile_nice() -> int:
                           lambda n: 0 <= n <= 19, parse=int)
 
 
-def yield_cpu_if_reconciling(run: dg.DagsterRun) -> int:
-    """Lower this process's CPU priority when it executes a reconciliation run, and return by how much.
+def listing_nice(run: dg.DagsterRun) -> int:
+    """The CPU niceness of a run's listing threads: ``SCIM_PIPELINE_RECONCILE_NICE`` for a reconciliation, else 0.
 
-    A reconciliation is background work: re-reading every directory may take minutes of CPU, and on a host that
-    also runs the webhook path's runs, those wait for a core behind it. At niceness 10 the kernel gives a webhook
-    run about ten times the reconciliation's share while both want the CPU, and the reconciliation all of it
-    otherwise; it is never starved, only made to give way. Each run has a process of its own (a run worker, never
-    ``scim-pipeline sync``'s process, whose runs are never reconciliations), so the priority goes with the run."""
-    nice = reconcile_nice() if run.tags.get(TRIGGER_TAG) == RECONCILIATION else 0
-    current = os.nice(0)
-    if nice > current:  # never twice: a process that executes runs one after the other keeps its niceness
-        os.nice(nice - current)
-    return nice
+    A reconciliation is background work: re-reading every directory takes minutes of CPU, and on a host that also
+    runs the webhook path's runs, those waited for a core behind it. Its listing threads (the bulk of that CPU)
+    give way: at niceness 10 the kernel gives a webhook run about ten times their share while both want a core,
+    and them all of it otherwise, so the reconciliation is never starved. Its writes keep their priority: they hold
+    the warehouse, which a webhook run may be waiting for."""
+    return reconcile_nice() if run.tags.get(TRIGGER_TAG) == RECONCILIATION else 0
 
 
 def range_tags(first: str, last: str) -> dict[str, str]:
