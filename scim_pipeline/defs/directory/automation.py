@@ -54,7 +54,7 @@ def orgs_per_run() -> int:
 
 
 def reconcile_nice() -> int:
-    """How much lower a reconciliation run's CPU priority is (niceness, 0-19), from SCIM_PIPELINE_RECONCILE_NICE."""
+    """The niceness of a reconciliation's listing threads (0-19), from SCIM_PIPELINE_RECONCILE_NICE."""
     return number_setting(RECONCILE_NICE_VAR, DEFAULT_RECONCILE_NICE, "a whole number from 0 to 19",
                           lambda n: 0 <= n <= 19, parse=int)
 
