@@ -67,7 +67,7 @@ def start_scim2_server(home: Path, port: int | None = None, token: str | None = 
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / "scim2-server.log"
     args = [sys.executable, "-c", "from scim2_server.testserver.cli import main; main()", "--port", str(port),
-            "--dynamic-tenants", "--bearer-token", token]
+            "--dynamic-tenants", f"--bearer-token={token}"]  # one argument: a token may begin with "-"
     if config_file is not None:
         args += ["--service-provider-config", str(config_file)]
     with open(log_path, "ab") as log:

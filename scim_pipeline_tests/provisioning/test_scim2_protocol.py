@@ -284,6 +284,13 @@ def test_each_organization_may_have_its_own_url_and_token(server, warehouse, out
     assert state(server, org)["users"] == []
 
 
+def test_a_token_that_begins_with_a_dash_starts_the_server_and_is_accepted(tmp_path):
+    """A drawn token begins with "-" once in 64 draws; passed as its own argument, scim2-server took it for an
+    option and exited (the suite failed in CI that way)."""
+    with start_scim2_server(tmp_path, token="-starts-like-an-option") as app:
+        assert read_state(app.settings(), ["acme"])["users"] == []  # a request with the token was answered
+
+
 def test_a_refused_token_rejects_the_batch_with_the_scim_error(server, org, warehouse, outbox):
     sync(warehouse, org, users=["u1"])
     report = deliver(warehouse, server.url, "wrong-token", org, outbox)
