@@ -2,6 +2,11 @@
 
 import dagster as dg
 
+TRIGGER_TAG = "scim_pipeline/trigger"  # what asked for a run: webhook, discovery, reconciliation, ...
+# A run in one of these may still write: a sensor or schedule that must not ask twice waits for it.
+IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+             dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING, dg.DagsterRunStatus.MANAGED]
+
 SYNCED_ASSETS = dg.AssetSelection.assets(
     "directory_users", "directory_groups", "group_memberships", "role_assignments", "directory_users_history",
     "change_sets",

@@ -120,7 +120,9 @@ def test_an_organization_named_twice_is_synced_once(emulator, tmp_path):
 class ThreadNiceness(DirectoryAPI):
     """The real API, noting the niceness of each thread that lists users."""
 
-    seen: set[int] = set()
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen: set[int] = set()
 
     def user_pages(self, *args, **kwargs):
         self.seen.add(os.getpriority(os.PRIO_PROCESS, 0))  # on Linux: the calling thread's

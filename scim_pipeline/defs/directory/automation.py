@@ -8,7 +8,7 @@ import os
 import dagster as dg
 
 from scim_pipeline.config import ConfigError, number_setting
-from scim_pipeline.defs.jobs import directory_catalog_job, directory_sync_job
+from scim_pipeline.defs.jobs import IN_FLIGHT, TRIGGER_TAG, directory_catalog_job, directory_sync_job
 from scim_pipeline.defs.partitions import organizations_partitions
 from scim_pipeline.defs.resources import ScalekitResource
 from scim_pipeline.scalekit import ids
@@ -19,10 +19,7 @@ DEFAULT_RECONCILE_CRON = "0 3 * * *"  # daily, at night
 RUN_BATCH_VAR = "SCIM_PIPELINE_ORGS_PER_RUN"
 DEFAULT_ORGS_PER_RUN = 1000  # a run costs seconds of bookkeeping, and holds the warehouse only while it writes
 
-TRIGGER_TAG = "scim_pipeline/trigger"
-RECONCILIATION = "reconciliation"
-UNFINISHED = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
-              dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
+RECONCILIATION = "reconciliation"  # the trigger tag of the schedule's runs
 RECONCILE_NICE_VAR = "SCIM_PIPELINE_RECONCILE_NICE"
 DEFAULT_RECONCILE_NICE = 10
 
@@ -153,7 +150,7 @@ def reconciliation_schedule(context: dg.ScheduleEvaluationContext):
     # directories: both would run slower, then the next would join them.
     unfinished = context.instance.get_run_records(
         dg.RunsFilter(job_name=directory_sync_job.name, tags={TRIGGER_TAG: RECONCILIATION},
-                      statuses=UNFINISHED), limit=1)
+                      statuses=IN_FLIGHT), limit=1)
     if unfinished:
         return dg.SkipReason(f"the last reconciliation is still running (run {unfinished[0].dagster_run.run_id})")
     per_run = orgs_per_run()

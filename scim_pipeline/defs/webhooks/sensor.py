@@ -22,7 +22,7 @@ from datetime import datetime
 import dagster as dg
 
 from scim_pipeline.config import number_setting, settings
-from scim_pipeline.defs.jobs import directory_events_job, directory_sync_job
+from scim_pipeline.defs.jobs import IN_FLIGHT, TRIGGER_TAG, directory_events_job, directory_sync_job
 from scim_pipeline.defs.partitions import organizations_partitions
 from scim_pipeline.defs.webhooks.quarantine import quarantine_webhook_events
 from scim_pipeline.receiver.inbox import Inbox
@@ -33,8 +33,6 @@ MAX_EVENTS_PER_TICK = 20_000
 MAX_RETRIES_PER_TICK = 50  # each costs two queries of the run storage
 RETRY_VAR = "SCIM_PIPELINE_EVENTS_RETRY_S"
 DEFAULT_RETRY_S = 60.0  # far longer than an incremental run takes to start, short beside a nightly reconciliation
-IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
-             dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING, dg.DagsterRunStatus.MANAGED]
 
 
 def events_run_config(after_seq: int, up_to_seq: int) -> dict:
@@ -81,11 +79,11 @@ def webhook_events_sensor(context: dg.SensorEvaluationContext):
             partition_key=org,
             run_key=f"events:{org}:{up_to}",
             run_config=events_run_config(marks.get(org, 0), up_to),
-            tags={"scim_pipeline/trigger": "webhook", "scim_pipeline/events": str(n)},
+            tags={TRIGGER_TAG: "webhook", "scim_pipeline/events": str(n)},
         )
         if org not in new else
         dg.RunRequest(job_name=directory_sync_job.name, partition_key=org, run_key=f"first-sync:{org}",
-                      tags={"scim_pipeline/trigger": "discovery"})
+                      tags={TRIGGER_TAG: "discovery"})
         for org, n in sorted(per_route.items())
     ]
     if unroutable:
@@ -108,7 +106,7 @@ def webhook_events_sensor(context: dg.SensorEvaluationContext):
 def quarantine_request(after_seq: int, up_to_seq: int, run_key: str, events: int | None = None) -> dg.RunRequest:
     return dg.RunRequest(job_name=quarantine_webhook_events.name, run_key=run_key,
                          run_config=quarantine_run_config(after_seq, up_to_seq),
-                         tags={"scim_pipeline/trigger": "webhook", **({"scim_pipeline/events": str(events)}
+                         tags={TRIGGER_TAG: "webhook", **({"scim_pipeline/events": str(events)}
                                                                       if events is not None else {})})
 
 
@@ -151,7 +149,7 @@ def retry_requests(context: dg.SensorEvaluationContext, inbox: Inbox, marks: dic
         else:
             requests.append(dg.RunRequest(job_name=directory_events_job.name, partition_key=route, run_key=run_key,
                                           run_config=events_run_config(marks.get(route, 0), up_to),
-                                          tags={"scim_pipeline/trigger": "webhook-retry"}))
+                                          tags={TRIGGER_TAG: "webhook-retry"}))
     return requests
 
 
